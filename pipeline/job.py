@@ -1,0 +1,268 @@
+"""The AiCSD job: parsed and validated at the edge, then passed inward as one typed object.
+
+`JobRequest` is the wire shape (what AiCSD publishes plus the bridge's `GatewayIP`); its
+validation rejects what can never be run or reported (a missing field, a callback URL that is
+not an AiCSD callback URL, two URLs naming different jobs). `Job.from_request` adds the
+deployment's rules (allowed callback hosts). File rules are checked later, when the job runs,
+because a job with a bad path can still be reported to AiCSD as `PipelineFailed`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import SplitResult, urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .errors import InputFileError, JobRejected, ParameterError
+
+__all__ = [
+    "SEED_EXAMPLE",
+    "CallbackUrls",
+    "Job",
+    "JobRequest",
+    "ModelParams",
+    "host_allowed",
+    "resolve_inside",
+]
+
+SEED_EXAMPLE: dict[str, Any] = {
+    "InputFileLocation": "/tmp/files/input/1.tiff",
+    "OutputFileFolder": "/tmp/files/output",
+    "ModelParams": {"Brightness": "0"},
+    "JobUpdateUrl": "http://job-repository:59784/api/v1/job/pipeline/"
+    "7c9fdbde-3b56-48af-a405-51d718cd9711/15c40f2d-68d2-4f09-9133-23f101b8b660",
+    "PipelineStatusUrl": "http://task-launcher:59785/api/v1/pipelineStatus/"
+    "7c9fdbde-3b56-48af-a405-51d718cd9711/15c40f2d-68d2-4f09-9133-23f101b8b660",
+    "GatewayIP": "192.168.0.20",
+}
+
+_JOB_UPDATE_PATH = re.compile(r"/api/v1/job/pipeline/(?P<job>[^/]+)/(?P<task>[^/]+)/?$")
+_STATUS_PATH = re.compile(r"/api/v1/pipelineStatus/(?P<job>[^/]+)/(?P<task>[^/]+)/?$")
+
+
+class ModelParams(Mapping[str, str]):
+    """The task's model parameters: a string map whose keys match case-insensitively.
+
+    People type these in the AiCSD web UI, so `topk`, `TopK` and `TOPK` are the same key.
+    """
+
+    def __init__(self, values: Mapping[str, str] | None = None) -> None:
+        self._values = dict(values or {})
+        self._folded = {k.casefold(): v for k, v in self._values.items()}
+
+    def __getitem__(self, key: str) -> str:
+        return self._folded[key.casefold()]
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and key.casefold() in self._folded
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"ModelParams({self._values!r})"
+
+    def text(self, key: str, default: str) -> str:
+        """The value of `key` stripped, or `default` when it is absent or blank."""
+        value = self._folded.get(key.casefold(), "").strip()
+        return value or default
+
+    def integer(self, key: str, default: int, *, minimum: int, maximum: int) -> int:
+        """A whole number in [minimum, maximum]; anything else is a `ParameterError` naming `key`."""
+        raw = self.text(key, str(default))
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ParameterError(key, f"must be a whole number, got {raw!r}") from None
+        if not minimum <= value <= maximum:
+            raise ParameterError(key, f"must be between {minimum} and {maximum}, got {value}")
+        return value
+
+    def number(self, key: str, default: float, *, minimum: float, maximum: float) -> float:
+        """A finite number in [minimum, maximum]; anything else is a `ParameterError` naming `key`."""
+        raw = self.text(key, repr(default))
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ParameterError(key, f"must be a number, got {raw!r}") from None
+        if not minimum <= value <= maximum:
+            raise ParameterError(key, f"must be between {minimum:g} and {maximum:g}, got {raw}")
+        return value
+
+    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
+        """One of `choices` (case-insensitive), returned in its canonical spelling."""
+        raw = self.text(key, default)
+        for option in choices:
+            if raw.casefold() == option.casefold():
+                return option
+        raise ParameterError(key, f"must be one of {', '.join(choices)}, got {raw!r}")
+
+
+def _split_callback(url: str, pattern: re.Pattern[str], what: str) -> tuple[SplitResult, str, str]:
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"must be an http or https URL, got {url!r}")
+    if not parts.hostname:
+        raise ValueError(f"has no host: {url!r}")
+    try:
+        parts.port
+    except ValueError:
+        raise ValueError(f"has an invalid port: {url!r}") from None
+    if parts.username or parts.password:
+        raise ValueError("must not carry credentials")
+    match = pattern.search(parts.path)
+    if not match:
+        raise ValueError(f"must end with {what}/<jobid>/<taskid>, got path {parts.path!r}")
+    return parts, match["job"], match["task"]
+
+
+class JobRequest(BaseModel):
+    """An AiCSD job as it arrives on the wire: the five AiCSD fields plus `GatewayIP`."""
+
+    model_config = ConfigDict(
+        extra="ignore",
+        title="AiCSD job",
+        json_schema_extra={"example": SEED_EXAMPLE},
+    )
+
+    InputFileLocation: str = Field(min_length=1, description="Absolute path of the job's input file")
+    OutputFileFolder: str = Field(min_length=1, description="Absolute path of the folder for output files")
+    ModelParams: dict[str, str] | None = Field(
+        default=None, description="Task parameters typed in the AiCSD UI, e.g. Model, TopK, MinConfidence"
+    )
+    JobUpdateUrl: str = Field(description="AiCSD job repository URL: PUT the job update here first")
+    PipelineStatusUrl: str = Field(description="AiCSD task launcher URL: POST the status here second")
+    GatewayIP: str = Field(default="", description="Gateway address, added by the MQTT bridge")
+
+    @field_validator("ModelParams", mode="before")
+    @classmethod
+    def _scalars_as_strings(cls, value: Any) -> Any:
+        """Accept numbers and booleans typed as JSON scalars; refuse nested values."""
+        if not isinstance(value, dict):
+            return value
+        out: dict[Any, Any] = {}
+        for key, item in value.items():
+            if isinstance(item, bool):
+                out[key] = "true" if item else "false"
+            elif isinstance(item, (int, float)):
+                out[key] = str(item)
+            elif item is None or isinstance(item, str):
+                out[key] = "" if item is None else item
+            else:
+                raise ValueError(f"value of {key!r} must be a string, got {type(item).__name__}")
+        return out
+
+    @field_validator("JobUpdateUrl")
+    @classmethod
+    def _job_update_url(cls, value: str) -> str:
+        _split_callback(value, _JOB_UPDATE_PATH, "/api/v1/job/pipeline")
+        return value.strip()
+
+    @field_validator("PipelineStatusUrl")
+    @classmethod
+    def _status_url(cls, value: str) -> str:
+        _split_callback(value, _STATUS_PATH, "/api/v1/pipelineStatus")
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _same_job(self) -> JobRequest:
+        _, job_a, task_a = _split_callback(self.JobUpdateUrl, _JOB_UPDATE_PATH, "")
+        _, job_b, task_b = _split_callback(self.PipelineStatusUrl, _STATUS_PATH, "")
+        if (job_a, task_a) != (job_b, task_b):
+            raise ValueError(
+                f"JobUpdateUrl names job {job_a}/task {task_a} but PipelineStatusUrl names "
+                f"job {job_b}/task {task_b}: both must name the same job and task"
+            )
+        return self
+
+
+@dataclass(frozen=True)
+class CallbackUrls:
+    """Where AiCSD wants to hear about one job, and which job that is."""
+
+    job_id: str
+    task_id: str
+    job_update: str
+    pipeline_status: str
+
+
+@dataclass(frozen=True)
+class Job:
+    """A validated job, ready to run: typed paths, parameters and callback URLs."""
+
+    callbacks: CallbackUrls
+    input_file: Path
+    output_folder: Path
+    params: ModelParams
+    gateway_ip: str
+
+    @property
+    def job_id(self) -> str:
+        return self.callbacks.job_id
+
+    @property
+    def task_id(self) -> str:
+        return self.callbacks.task_id
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.callbacks.job_id, self.callbacks.task_id)
+
+    @classmethod
+    def from_request(cls, request: JobRequest, allowed_hosts: frozenset[str]) -> Job:
+        """Apply the deployment's callback-host rule; raise `JobRejected` naming the field."""
+        job_parts, job_id, task_id = _split_callback(request.JobUpdateUrl, _JOB_UPDATE_PATH, "")
+        status_parts, _, _ = _split_callback(request.PipelineStatusUrl, _STATUS_PATH, "")
+        for field, parts in (("JobUpdateUrl", job_parts), ("PipelineStatusUrl", status_parts)):
+            if not host_allowed(parts, allowed_hosts):
+                raise JobRejected(
+                    field,
+                    f"callback host {parts.netloc!r} is not allowed; add it to "
+                    "PIPELINE_CALLBACK_HOSTS if AiCSD really lives there",
+                )
+        return cls(
+            callbacks=CallbackUrls(job_id, task_id, request.JobUpdateUrl, request.PipelineStatusUrl),
+            input_file=Path(request.InputFileLocation),
+            output_folder=Path(request.OutputFileFolder),
+            params=ModelParams(request.ModelParams),
+            gateway_ip=request.GatewayIP,
+        )
+
+
+def host_allowed(parts: SplitResult, allowed: frozenset[str]) -> bool:
+    """True when the URL's host, or host:port, is in the allow list (or the list has `*`)."""
+    if "*" in allowed:
+        return True
+    host = (parts.hostname or "").lower()
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    shown = f"[{host}]" if ":" in host else host
+    return host in allowed or shown in allowed or f"{shown}:{port}" in allowed
+
+
+def resolve_inside(path: Path, roots: tuple[Path, ...], field: str, *, want_dir: bool) -> Path:
+    """Resolve `path` (symlinks followed) and insist it exists, has the right kind and lies in a root."""
+    if not path.is_absolute():
+        raise InputFileError(f"{field} must be an absolute path, got '{path}'")
+    try:
+        real = path.resolve(strict=True)
+    except FileNotFoundError:
+        raise InputFileError(f"{field} '{path}' does not exist") from None
+    except (OSError, RuntimeError) as exc:
+        raise InputFileError(f"{field} '{path}' cannot be resolved: {exc}") from None
+    inside = any(real.is_relative_to(root.resolve()) for root in roots)
+    if not inside:
+        shown = ":".join(str(r) for r in roots)
+        raise InputFileError(f"{field} '{path}' is outside the allowed file roots ({shown}, PIPELINE_FILE_ROOTS)")
+    if want_dir and not real.is_dir():
+        raise InputFileError(f"{field} '{path}' is not a directory")
+    if not want_dir and not real.is_file():
+        raise InputFileError(f"{field} '{path}' is not a regular file")
+    return real

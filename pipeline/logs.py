@@ -1,0 +1,33 @@
+"""Logging set-up shared by the service, the bridge and the command line.
+
+BentoML configures only its own loggers, so ours get a handler of their own on stderr: their
+lines then show in `bentoml serve` output and in container logs. `PIPELINE_LOG_LEVEL` sets
+the level (default INFO).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+__all__ = ["configure_logging"]
+
+FORMAT = "%(asctime)s [%(levelname)s] [%(name)s] %(message)s"
+
+
+def configure_logging(*names: str, level: str | None = None) -> None:
+    """Give each named logger one stderr handler (idempotent) at `level` or `PIPELINE_LOG_LEVEL`."""
+    chosen = (level or os.environ.get("PIPELINE_LOG_LEVEL") or "INFO").upper()
+    numeric = logging.getLevelName(chosen)
+    if not isinstance(numeric, int):
+        numeric = logging.INFO
+    for name in names or ("pipeline", "helper", "service"):
+        logger = logging.getLogger(name)
+        logger.setLevel(numeric)
+        if not any(getattr(h, "_aicsd", False) for h in logger.handlers):
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter(FORMAT))
+            handler._aicsd = True  # type: ignore[attr-defined]
+            logger.addHandler(handler)
+        logger.propagate = False

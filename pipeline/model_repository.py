@@ -1,0 +1,308 @@
+"""The model repository: OVMS-layout model directories, each read and compiled once per process.
+
+Layout: `<models_dir>/<name>/<version>/` with an OpenVINO IR (`.xml` + `.bin`) or an `.onnx`
+file. The highest numbered version that holds a model is served (OVMS's default policy); a
+model directory whose versions are all empty is a pipeline with no model. A model describes
+itself through `rt_info` `model_info` entries, as OpenVINO Model API and Intel Geti exports
+do; a `model_info.json` sidecar (in the version or the model directory) gives defaults for
+models without them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openvino as ov
+from openvino.preprocess import ColorFormat, PrePostProcessor
+
+from .errors import ModelError
+
+__all__ = ["CompiledModel", "ModelEntry", "ModelInfo", "ModelRepository"]
+
+log = logging.getLogger(__name__)
+
+_SIDECAR = "model_info.json"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a model says about itself: type, labels and how its input is normalised."""
+
+    model_type: str = ""
+    labels: tuple[str, ...] = ()
+    mean_values: tuple[float, ...] = ()
+    scale_values: tuple[float, ...] = ()
+    reverse_input_channels: bool = False
+    resize_type: str = "standard"
+    crop_fraction: float = 1.0
+    output_is_probabilities: bool | None = None
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_entries(cls, entries: Mapping[str, str], where: str) -> ModelInfo:
+        """Parse Model API style string entries; a malformed entry is a `ModelError`."""
+        try:
+            labels: tuple[str, ...]
+            if entries.get("label_names"):
+                labels = tuple(str(x) for x in json.loads(entries["label_names"]))
+            else:
+                labels = tuple(entries.get("labels", "").split())
+            probs = entries.get("output_is_probabilities")
+            known = {
+                "model_type", "labels", "label_names", "mean_values", "scale_values",
+                "reverse_input_channels", "resize_type", "crop_fraction", "output_is_probabilities",
+            }
+            info = cls(
+                model_type=entries.get("model_type", "").strip(),
+                labels=labels,
+                mean_values=_floats(entries.get("mean_values", "")),
+                scale_values=_floats(entries.get("scale_values", "")),
+                reverse_input_channels=_bool(entries.get("reverse_input_channels", "false")),
+                resize_type=entries.get("resize_type", "standard").strip() or "standard",
+                crop_fraction=float(entries.get("crop_fraction", "1") or 1),
+                output_is_probabilities=None if probs is None else _bool(probs),
+                extra={k: v for k, v in entries.items() if k not in known},
+            )
+        except (ValueError, TypeError) as exc:
+            raise ModelError(f"model_info of {where} is malformed: {exc}") from None
+        if not 0 < info.crop_fraction <= 1:
+            raise ModelError(f"model_info of {where}: crop_fraction must be in (0, 1]")
+        if info.resize_type not in ("standard", "crop"):
+            raise ModelError(f"model_info of {where}: resize_type must be 'standard' or 'crop'")
+        return info
+
+
+def _floats(raw: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in raw.replace(",", " ").split())
+
+
+def _bool(raw: str) -> bool:
+    value = str(raw).strip().lower()
+    if value in ("true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no", ""):
+        return False
+    raise ValueError(f"{raw!r} is not a boolean")
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A model directory found on disk: its served version and model file, if any."""
+
+    name: str
+    directory: Path
+    version: int | None
+    model_file: Path | None
+
+    @property
+    def has_model(self) -> bool:
+        return self.model_file is not None
+
+
+class CompiledModel:
+    """A model compiled once, with a pool of infer requests for concurrent callers."""
+
+    def __init__(self, entry: ModelEntry, info: ModelInfo, compiled: ov.CompiledModel) -> None:
+        self.entry = entry
+        self.info = info
+        self.compiled = compiled
+        shape = compiled.input(0).get_partial_shape()
+        self.input_shape = shape
+        self.input_type = compiled.input(0).get_element_type()
+        self.output_names = [out.get_any_name() for out in compiled.outputs]
+        nreq = max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+        self._pool: queue.Queue[ov.InferRequest] = queue.Queue()
+        for _ in range(nreq):
+            self._pool.put(compiled.create_infer_request())
+        self.pool_size = nreq
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    @property
+    def image_size(self) -> tuple[int, int] | None:
+        """(width, height) the model takes, for NHWC inputs with static spatial dimensions."""
+        shape = self.input_shape
+        if shape.rank.is_static and shape.rank.get_length() == 4 and shape[1].is_static and shape[2].is_static:
+            return (shape[2].get_length(), shape[1].get_length())
+        return None
+
+    def infer(self, inputs: np.ndarray | Mapping[Any, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one inference on a request from the pool; outputs are copied out before it returns."""
+        request = self._pool.get()
+        try:
+            request.infer(inputs if isinstance(inputs, Mapping) else {0: inputs})
+            return {
+                name: request.get_output_tensor(i).data.copy() for i, name in enumerate(self.output_names)
+            }
+        except RuntimeError as exc:
+            raise ModelError(f"model '{self.name}' failed to run: {exc}") from None
+        finally:
+            self._pool.put(request)
+
+
+class ModelRepository:
+    """Discovers models under a directory and compiles each one once, on first use or at load."""
+
+    def __init__(
+        self,
+        models_dir: Path,
+        *,
+        device: str = "CPU",
+        performance_hint: str = "THROUGHPUT",
+        cache_dir: Path | None = None,
+    ) -> None:
+        self.models_dir = models_dir
+        self.device = device
+        self.performance_hint = performance_hint
+        self.core = ov.Core()
+        if cache_dir is not None:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            self.core.set_property({"CACHE_DIR": str(cache_dir)})
+        self._compiled: dict[str, CompiledModel] = {}
+        self._lock = threading.Lock()
+
+    def discover(self) -> list[ModelEntry]:
+        """Every model directory, sorted by name; directories without a numbered version are skipped."""
+        if not self.models_dir.is_dir():
+            return []
+        entries = []
+        for directory in sorted(p for p in self.models_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            entry = self._entry(directory)
+            if entry is not None:
+                entries.append(entry)
+        return entries
+
+    def entry(self, name: str) -> ModelEntry:
+        """The entry for one model name, or a `ModelError` that lists what is available."""
+        directory = self.models_dir / name
+        entry = self._entry(directory) if name and "/" not in name and directory.is_dir() else None
+        if entry is None:
+            known = ", ".join(e.name for e in self.discover()) or "none"
+            raise ModelError(f"unknown model '{name}' (available: {known})")
+        return entry
+
+    @staticmethod
+    def _entry(directory: Path) -> ModelEntry | None:
+        versions = sorted(
+            (int(p.name), p) for p in directory.iterdir() if p.is_dir() and p.name.isdigit()
+        )
+        if not versions:
+            return None
+        for number, path in reversed(versions):
+            model_file = _model_file(path)
+            if model_file is not None:
+                return ModelEntry(directory.name, directory, number, model_file)
+        return ModelEntry(directory.name, directory, versions[-1][0], None)
+
+    def get(self, name: str) -> CompiledModel:
+        """The compiled model for `name`, compiling it the first time it is asked for."""
+        with self._lock:
+            compiled = self._compiled.get(name)
+            if compiled is None:
+                compiled = self._compile(self.entry(name))
+                self._compiled[name] = compiled
+            return compiled
+
+    def loaded(self) -> list[CompiledModel]:
+        with self._lock:
+            return list(self._compiled.values())
+
+    def _compile(self, entry: ModelEntry) -> CompiledModel:
+        if entry.model_file is None:
+            raise ModelError(
+                f"model '{entry.name}' has no model file in {entry.directory}/{entry.version} "
+                "(an .xml+.bin IR or an .onnx file)"
+            )
+        try:
+            model = self.core.read_model(entry.model_file)
+        except RuntimeError as exc:
+            raise ModelError(f"model '{entry.name}' cannot be read from {entry.model_file}: {exc}") from None
+        info = ModelInfo.from_entries(_info_entries(model, entry), f"model '{entry.name}'")
+        model = _fold_preprocessing(model, info, entry.name)
+        config = {"PERFORMANCE_HINT": self.performance_hint}
+        try:
+            compiled = self.core.compile_model(model, self.device, config)
+        except RuntimeError as exc:
+            raise ModelError(f"model '{entry.name}' cannot be compiled for {self.device}: {exc}") from None
+        result = CompiledModel(entry, info, compiled)
+        log.info(
+            "compiled model %s version %s (%s) on %s with %d infer requests",
+            entry.name, entry.version, info.model_type or "no model_type", self.device, result.pool_size,
+        )
+        return result
+
+
+def _model_file(version_dir: Path) -> Path | None:
+    for pattern in ("*.xml", "*.onnx"):
+        for candidate in sorted(version_dir.glob(pattern)):
+            if pattern == "*.onnx" or candidate.with_suffix(".bin").is_file():
+                return candidate
+    return None
+
+
+def _info_entries(model: ov.Model, entry: ModelEntry) -> dict[str, str]:
+    """Sidecar defaults overlaid by the model's own rt_info `model_info`."""
+    entries: dict[str, str] = {}
+    assert entry.model_file is not None
+    for sidecar in (entry.directory / _SIDECAR, entry.model_file.parent / _SIDECAR):
+        if sidecar.is_file():
+            try:
+                data = json.loads(sidecar.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise ModelError(f"{sidecar} is not valid JSON: {exc}") from None
+            if not isinstance(data, dict):
+                raise ModelError(f"{sidecar} must hold a JSON object")
+            for key, value in data.items():
+                entries.update(_sidecar_entry(str(key), value))
+    if model.has_rt_info(["model_info"]):
+        own = {str(k): v.astype(str) for k, v in model.get_rt_info(["model_info"]).astype(dict).items()}
+        if "labels" in own and "label_names" not in own:
+            entries.pop("label_names", None)
+        entries.update(own)
+    return entries
+
+
+def _sidecar_entry(key: str, value: Any) -> dict[str, str]:
+    """A JSON sidecar value in the string form rt_info uses; a label list keeps its spaces."""
+    if key == "labels" and isinstance(value, list):
+        return {"label_names": json.dumps([str(v) for v in value])}
+    if isinstance(value, list):
+        return {key: " ".join(str(v) for v in value)}
+    if isinstance(value, bool):
+        return {key: str(value)}
+    return {key: value if isinstance(value, str) else json.dumps(value)}
+
+
+def _fold_preprocessing(model: ov.Model, info: ModelInfo, name: str) -> ov.Model:
+    """For an image model, take u8 NHWC RGB and fold colour order, mean and scale into the graph."""
+    if len(model.inputs) != 1:
+        return model
+    shape = model.input(0).get_partial_shape()
+    if not (shape.rank.is_static and shape.rank.get_length() == 4 and shape[1].is_static and shape[1].get_length() == 3):
+        return model
+    ppp = PrePostProcessor(model)
+    tensor = ppp.input().tensor()
+    tensor.set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC")).set_color_format(ColorFormat.RGB)
+    ppp.input().model().set_layout(ov.Layout("NCHW"))
+    steps = ppp.input().preprocess()
+    steps.convert_element_type(ov.Type.f32)
+    if info.reverse_input_channels:
+        steps.convert_color(ColorFormat.BGR)
+    if info.mean_values:
+        steps.mean(list(info.mean_values))
+    if info.scale_values:
+        steps.scale(list(info.scale_values))
+    try:
+        return ppp.build()
+    except RuntimeError as exc:
+        raise ModelError(f"model '{name}': cannot fold preprocessing into the graph: {exc}") from None

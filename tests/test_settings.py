@@ -1,0 +1,54 @@
+"""Service settings: documented defaults, and one error that lists every bad value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import SettingsError
+from pipeline.settings import Settings
+
+
+def test_defaults_match_the_design():
+    s = Settings.from_env({})
+    assert s.models_dir == Path("models")
+    assert s.default_model == "efficientnet-lite0"
+    assert s.file_roots == (Path("/tmp/files"),)
+    assert s.callback_hosts == {"job-repository", "task-launcher", "localhost", "127.0.0.1"}
+    assert s.device == "CPU"
+    assert s.max_pixels == 100_000_000
+    assert (s.callback_tries, s.callback_backoff) == (5, 2.0)
+    assert s.repeat_window == 900
+
+
+def test_lists_are_split_and_cleaned():
+    s = Settings.from_env({"PIPELINE_FILE_ROOTS": "/a:/b/c", "PIPELINE_CALLBACK_HOSTS": " Job-Repo:59784 , x "})
+    assert s.file_roots == (Path("/a"), Path("/b/c"))
+    assert s.callback_hosts == {"job-repo:59784", "x"}
+
+
+def test_empty_cache_dir_disables_the_cache():
+    assert Settings.from_env({"PIPELINE_CACHE_DIR": ""}).cache_dir is None
+
+
+def test_every_bad_setting_is_listed_in_one_error():
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env(
+            {
+                "PIPELINE_FILE_ROOTS": "relative/path",
+                "PIPELINE_MAX_PIXELS": "-5",
+                "PIPELINE_CALLBACK_TRIES": "many",
+                "PIPELINE_PERFORMANCE_HINT": "FAST",
+                "PIPELINE_DEFAULT_MODEL": "../etc",
+            }
+        )
+    names = [p.split("=")[0] for p in info.value.problems]
+    assert names == [
+        "PIPELINE_DEFAULT_MODEL",
+        "PIPELINE_FILE_ROOTS",
+        "PIPELINE_PERFORMANCE_HINT",
+        "PIPELINE_MAX_PIXELS",
+        "PIPELINE_CALLBACK_TRIES",
+    ]
+    assert "relative/path" in str(info.value)
