@@ -1,0 +1,371 @@
+"""A stand-in for AiCSD's job repository and task launcher that enforces their handlers' rules.
+
+AiCSD itself cannot run here. This server answers exactly as `AICSD_CONTRACT.md` says the real
+handlers do, so a callback that AiCSD would reject is rejected here too:
+
+    PUT  /api/v1/job/pipeline/<jobid>/<taskid>    job repository: the job update (callback one)
+    POST /api/v1/pipelineStatus/<jobid>/<taskid>  task launcher: the status (callback two)
+
+PUT: no Content-Length -> 400 (the real handler reads exactly Content-Length bytes); unknown job
+or task mismatch -> 400; a body that is not JSON of the right types -> 500 (field names match
+case-insensitively, unknown fields are ignored, null leaves a field empty as Go's encoding/json
+does); `Status` not exactly PipelineComplete/PipelineFailed -> 400; else 200.
+POST: unknown job or task mismatch -> 400; body (trimmed, any case) not a status -> 400; not
+equal to the status stored by a successful PUT -> 400; else 200, after checking that every listed
+output file exists on disk (a missing one ends the job in error, as the file sender would).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("aicsd_standin")
+
+STATUSES = ("PipelineComplete", "PipelineFailed")
+_PUT_PATH = re.compile(r"^/api/v1/job/pipeline/([^/]+)/([^/]+)/?$")
+_POST_PATH = re.compile(r"^/api/v1/pipelineStatus/([^/]+)/([^/]+)/?$")
+_FILE_STRING_FIELDS = ("dirname", "name", "extension", "status", "owner", "archivename", "viewable", "hostname")
+
+
+class ContractError(Exception):
+    """The body breaks the handler's JSON structure (the real handler answers 500)."""
+
+
+@dataclass(frozen=True)
+class JobUrls:
+    job_id: str
+    task_id: str
+    job_update_url: str
+    pipeline_status_url: str
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """One request as received, and what the stand-in answered."""
+
+    seq: int
+    method: str
+    path: str
+    job_id: str
+    headers: dict[str, str]
+    body: bytes
+    json: Any
+    status_code: int
+    answer: str
+    at: float
+
+
+@dataclass
+class JobState:
+    job_id: str
+    task_id: str
+    stored_status: str = ""
+    qc_flags: str = ""
+    results: str = ""
+    output_files: list[dict[str, Any]] = field(default_factory=list)
+    puts: int = 0
+    statuses: int = 0
+    missing_files: list[str] = field(default_factory=list)
+    published_results: list[str] = field(default_factory=list)
+    ended: str | None = None
+
+
+@dataclass
+class _Fault:
+    status_code: int
+    remaining: int | None
+
+
+def _lower_keys(obj: dict[str, Any]) -> dict[str, Any]:
+    return {str(k).lower(): v for k, v in obj.items()}
+
+
+def _string(obj: dict[str, Any], key: str, where: str) -> str:
+    value = obj.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ContractError(f"{where}{key}: cannot unmarshal {type(value).__name__} into string")
+    return value
+
+
+def parse_job_update(raw: bytes) -> dict[str, Any]:
+    """The job update as the job repository's handler decodes it; `ContractError` when it cannot."""
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        raise ContractError(f"invalid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ContractError("body is not a JSON object")
+    body = _lower_keys(body)
+    parsed: dict[str, Any] = {k: _string(body, k, "") for k in ("status", "qcflags", "results")}
+    files = body.get("outputfiles")
+    if files is not None and not isinstance(files, list):
+        raise ContractError(f"OutputFiles: cannot unmarshal {type(files).__name__} into []OutputFile")
+    parsed["outputfiles"] = []
+    for index, item in enumerate(files or []):
+        if not isinstance(item, dict):
+            raise ContractError(f"OutputFiles[{index}]: cannot unmarshal {type(item).__name__} into OutputFile")
+        item = _lower_keys(item)
+        entry = {k: _string(item, k, f"OutputFiles[{index}].") for k in _FILE_STRING_FIELDS}
+        details = item.get("errordetails")
+        if details is not None:
+            if not isinstance(details, dict):
+                raise ContractError(
+                    f"OutputFiles[{index}].ErrorDetails: cannot unmarshal {type(details).__name__} into UserFacingError"
+                )
+            details = _lower_keys(details)
+            details = {k: _string(details, k, f"OutputFiles[{index}].ErrorDetails.") for k in ("owner", "error")}
+        entry["errordetails"] = details
+        parsed["outputfiles"].append(entry)
+    return parsed
+
+
+class AicsdStandIn:
+    """Job repository + task launcher in one loopback HTTP server, started as a context manager."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        if not host.startswith("127."):
+            raise ValueError("the stand-in binds to loopback addresses only")
+        self.host = host
+        self._jobs: dict[str, JobState] = {}
+        self._requests: list[Recorded] = []
+        self._faults: dict[tuple[str, str], _Fault] = {}
+        self._changed = threading.Condition()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # --- life cycle -------------------------------------------------------------------------
+
+    def __enter__(self) -> AicsdStandIn:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        standin = self
+
+        class Handler(_Handler):
+            owner = standin
+
+        self._server = ThreadingHTTPServer((self.host, 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), name="aicsd-standin", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
+
+    @property
+    def base_url(self) -> str:
+        assert self._server is not None, "stand-in not started"
+        return f"http://{self.host}:{self._server.server_address[1]}"
+
+    # --- test API ---------------------------------------------------------------------------
+
+    def register(self, job_id: str, task_id: str) -> JobUrls:
+        with self._changed:
+            self._jobs[job_id] = JobState(job_id, task_id)
+        return JobUrls(
+            job_id,
+            task_id,
+            f"{self.base_url}/api/v1/job/pipeline/{job_id}/{task_id}",
+            f"{self.base_url}/api/v1/pipelineStatus/{job_id}/{task_id}",
+        )
+
+    def new_job(self) -> JobUrls:
+        return self.register(str(uuid.uuid4()), str(uuid.uuid4()))
+
+    def fail_next(self, job_id: str, *, kind: str, status_code: int = 500, times: int | None = 1) -> None:
+        """Answer the next `times` requests of `kind` ("put" or "status") for the job with `status_code`;
+        `times=None` means every one."""
+        if kind not in ("put", "status"):
+            raise ValueError("kind is 'put' or 'status'")
+        with self._changed:
+            self._faults[(job_id, kind)] = _Fault(status_code, times)
+
+    def requests_for(self, job_id: str) -> list[Recorded]:
+        with self._changed:
+            return [r for r in self._requests if r.job_id == job_id]
+
+    def all_requests(self) -> list[Recorded]:
+        with self._changed:
+            return list(self._requests)
+
+    def job(self, job_id: str) -> JobState:
+        with self._changed:
+            return replace(self._jobs[job_id])
+
+    def wait_for_status(self, job_id: str, timeout: float = 30) -> JobState:
+        """The job's state once a status POST has been accepted; TimeoutError says what arrived."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                state = self._jobs.get(job_id)
+                if state is not None and state.ended is not None:
+                    return replace(state)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    seen = [(r.method, r.status_code) for r in self._requests if r.job_id == job_id]
+                    raise TimeoutError(f"no accepted status for job {job_id} after {timeout}s; requests: {seen}")
+                self._changed.wait(left)
+
+    def wait_for_requests(self, count: int, timeout: float = 30) -> list[Recorded]:
+        """All requests once at least `count` have arrived."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while len(self._requests) < count:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"{len(self._requests)} of {count} requests after {timeout}s")
+                self._changed.wait(left)
+            return list(self._requests)
+
+    # --- the handlers -------------------------------------------------------------------------
+
+    def _fault(self, job_id: str, kind: str) -> int | None:
+        fault = self._faults.get((job_id, kind))
+        if fault is None:
+            return None
+        if fault.remaining is not None:
+            fault.remaining -= 1
+            if fault.remaining <= 0:
+                del self._faults[(job_id, kind)]
+        return fault.status_code
+
+    def handle(self, method: str, path: str, headers: dict[str, str], body: bytes | None) -> tuple[int, str, str]:
+        """Answer one request; returns (status code, answer text, job id) and records it."""
+        with self._changed:
+            code, answer, job_id, parsed = self._answer(method, path, headers, body)
+            self._requests.append(
+                Recorded(len(self._requests) + 1, method, path, job_id, headers, body or b"", parsed, code, answer,
+                         time.monotonic())
+            )
+            self._changed.notify_all()
+        log.info("%s %s -> %d %s", method, path, code, answer)
+        return code, answer, job_id
+
+    def _answer(
+        self, method: str, path: str, headers: dict[str, str], body: bytes | None
+    ) -> tuple[int, str, str, Any]:
+        route = _PUT_PATH.match(path) if method == "PUT" else _POST_PATH.match(path) if method == "POST" else None
+        if route is None:
+            return 404, "not found", "", None
+        job_id, task_id = route.group(1), route.group(2)
+        kind = "put" if method == "PUT" else "status"
+        parsed: Any = None
+        if method == "PUT" and body is not None:
+            try:
+                parsed = json.loads(body)
+            except ValueError:
+                parsed = None
+        injected = self._fault(job_id, kind)
+        if injected is not None:
+            return injected, "injected fault", job_id, parsed
+        if body is None:
+            return 400, "request body has no Content-Length", job_id, parsed
+        state = self._jobs.get(job_id)
+        if state is None:
+            return 400, f"job {job_id} not found", job_id, parsed
+        if state.task_id != task_id:
+            return 400, f"task {task_id} does not match job's task {state.task_id}", job_id, parsed
+        if method == "PUT":
+            return (*self._job_update(state, body), job_id, parsed)
+        return (*self._status(state, body), job_id, parsed)
+
+    def _job_update(self, state: JobState, body: bytes) -> tuple[int, str]:
+        try:
+            update = parse_job_update(body)
+        except ContractError as exc:
+            return 500, f"failed to unmarshal job update: {exc}"
+        if update["status"] not in STATUSES:
+            return 400, f"invalid pipeline status {update['status']!r}"
+        state.stored_status = update["status"]
+        state.qc_flags = update["qcflags"]
+        state.results = update["results"]
+        state.output_files = update["outputfiles"]
+        state.puts += 1
+        return 200, ""
+
+    def _status(self, state: JobState, body: bytes) -> tuple[int, str]:
+        status = body.decode("utf-8", "replace").strip()
+        canonical = next((s for s in STATUSES if s.lower() == status.lower()), None)
+        if canonical is None:
+            return 400, f"invalid status {status!r}"
+        if canonical != state.stored_status:
+            return 400, f"status {canonical} does not match the job's pipeline status {state.stored_status!r}"
+        state.statuses += 1
+        state.missing_files = [
+            str(Path(f["dirname"]) / f["name"])
+            for f in state.output_files
+            if not (Path(f["dirname"]) / f["name"]).is_file()
+        ]
+        if state.results:
+            state.published_results.append(state.results)
+        if state.missing_files:
+            state.ended = "error"
+        else:
+            state.ended = "complete" if canonical == "PipelineComplete" else "failed"
+        return 200, ""
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    owner: AicsdStandIn
+
+    def _serve(self) -> None:
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        length = headers.get("content-length")
+        body: bytes | None
+        if length is None and "chunked" in headers.get("transfer-encoding", "").lower() and self.command == "POST":
+            body = self._read_chunked()  # the task launcher reads the body whole, chunked or not
+        elif length is None:
+            body = None
+            # The job repository reads exactly Content-Length bytes: answer and drop the connection.
+            self.close_connection = True
+        else:
+            body = self.rfile.read(int(length))
+        code, answer, _ = self.owner.handle(self.command, self.path, headers, body)
+        payload = answer.encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(payload)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def _read_chunked(self) -> bytes:
+        parts = []
+        while True:
+            size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                    pass
+                return b"".join(parts)
+            parts.append(self.rfile.read(size))
+            self.rfile.readline()
+
+    do_PUT = _serve
+    do_POST = _serve
+    do_GET = _serve
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - signature of the base class
+        log.debug(format, *args)
