@@ -13,6 +13,7 @@ from typing import Any
 
 import bentoml
 from pydantic import BaseModel, Field
+from starlette.responses import JSONResponse
 
 with bentoml.importing():
     from helper import AicsdClient, CallbackAnswer, CallbackReport, RetryPolicy, job_update_body
@@ -26,12 +27,6 @@ with bentoml.importing():
     from pipeline.settings import Settings
 
 log = logging.getLogger("service")
-
-
-class RequestRejected(bentoml.exceptions.BentoMLException):
-    """A request that cannot be run or reported: answered 4xx, no callback sent anywhere."""
-
-    error_code = HTTPStatus.UNPROCESSABLE_ENTITY
 
 
 class CallbackResult(BaseModel):
@@ -104,8 +99,10 @@ class AicsdPipeline:
         try:
             parsed = Job.from_request(job, self.settings.callback_hosts)
         except JobRejected as exc:
+            # Answered 4xx naming the field; no callback goes anywhere.
             log.warning("rejected request: %s", exc)
-            raise RequestRejected(str(exc), error_code=HTTPStatus(exc.status_code)) from None
+            ctx.response.status_code = exc.status_code
+            return JSONResponse({"error": str(exc), "field": exc.field}, status_code=exc.status_code)  # type: ignore[return-value]
 
         (outcome, report), repeated = self.recent.run_once(
             parsed.key, lambda: self._process(parsed), keep=lambda done: done[1].delivered

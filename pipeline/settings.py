@@ -15,7 +15,7 @@ from typing import TypeVar
 
 from .errors import SettingsError
 
-__all__ = ["DEVICE_HINTS", "Settings"]
+__all__ = ["DEVICE_HINTS", "Settings", "parse_callback_hosts"]
 
 T = TypeVar("T")
 
@@ -71,7 +71,7 @@ class Settings:
                            "must be ':'-separated absolute directory paths"),
             callback_hosts=get("PIPELINE_CALLBACK_HOSTS",
                                "job-repository,task-launcher,localhost,127.0.0.1",
-                               _callback_hosts, "must be ','-separated host or host:port entries, or *"),
+                               parse_callback_hosts, "must be ','-separated host or host:port entries, or *"),
             device=get("PIPELINE_DEVICE", "CPU", _device, "must be an OpenVINO device name such as CPU, GPU or AUTO"),
             performance_hint=get("PIPELINE_PERFORMANCE_HINT", "THROUGHPUT", _hint,
                                  "must be one of " + ", ".join(DEVICE_HINTS)),
@@ -120,17 +120,18 @@ def _file_roots(raw: str) -> tuple[Path, ...]:
     return tuple(roots)
 
 
-def _callback_hosts(raw: str) -> frozenset[str]:
+def parse_callback_hosts(raw: str) -> frozenset[str]:
+    """`host` or `host:port` entries separated by commas (IPv6 in brackets), or `*`; lower-cased."""
     entries = {e.strip().lower() for e in raw.split(",") if e.strip()}
     if not entries:
         raise ValueError("no host given")
-    for entry in entries:
-        if entry == "*":
-            continue
-        host, _, port = entry.rpartition(":") if ":" in entry and not entry.startswith("[") else (entry, "", "")
+    for entry in entries - {"*"}:
+        host, sep, port = entry.rpartition(":")
+        if not sep or (":" in host and not host.startswith("[")):
+            host, port = entry, ""
         if port and not port.isdigit():
             raise ValueError(f"{entry!r} has a port that is not a number")
-        if not (host or entry):
+        if not host:
             raise ValueError(f"{entry!r} has no host")
     return frozenset(entries)
 

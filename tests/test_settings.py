@@ -52,3 +52,13 @@ def test_every_bad_setting_is_listed_in_one_error():
         "PIPELINE_CALLBACK_TRIES",
     ]
     assert "relative/path" in str(info.value)
+
+
+@pytest.mark.parametrize("raw", ["a:xx", ":80", ""])
+def test_bad_callback_host_entries_are_refused(raw):
+    with pytest.raises(SettingsError, match="PIPELINE_CALLBACK_HOSTS"):
+        Settings.from_env({"PIPELINE_CALLBACK_HOSTS": raw})
+
+
+def test_ipv6_callback_hosts_are_accepted():
+    assert Settings.from_env({"PIPELINE_CALLBACK_HOSTS": "[::1]:8080,::1"}).callback_hosts == {"[::1]:8080", "::1"}

@@ -1,0 +1,158 @@
+"""Session fixtures: real servers on free loopback ports, started once and stopped at the end."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .servers import free_port, stop_process
+from .tiny_models import channel_mean_classifier, write_model
+
+REPO = Path(__file__).resolve().parent.parent
+MODELS = REPO / "models"
+ARTIFACTS = REPO / "test-artifacts"
+
+
+@pytest.fixture(scope="session")
+def efficientnet_dir() -> Path:
+    """The real EfficientNet-Lite0 IR, built by `make models` (built here if missing)."""
+    from model_builders.efficientnet_lite import write_efficientnet_lite0
+
+    write_efficientnet_lite0(MODELS / "efficientnet-lite0" / "1")
+    return MODELS / "efficientnet-lite0"
+
+
+@pytest.fixture(scope="session")
+def file_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The gateway file root the service allows: input/ and output/ inside."""
+    root = tmp_path_factory.mktemp("gateway-files")
+    (root / "input").mkdir()
+    (root / "output").mkdir()
+    return root
+
+
+@pytest.fixture(scope="session")
+def service_models(tmp_path_factory: pytest.TempPathFactory, efficientnet_dir: Path) -> Path:
+    """A model repository for the service: the real model plus small ones that show edge cases."""
+    models = tmp_path_factory.mktemp("models")
+    (models / "efficientnet-lite0").symlink_to(efficientnet_dir, target_is_directory=True)
+    (models / "empty" / "1").mkdir(parents=True)
+    write_model(models / "tiny" / "1", channel_mean_classifier(8), {"model_type": "Classification",
+                                                                     "labels": "red green blue"})
+    write_model(models / "exotic" / "1", channel_mean_classifier(8), {"model_type": "Segmentation"})
+    return models
+
+
+@dataclass
+class Service:
+    url: str
+    log_path: Path
+    process: subprocess.Popen[bytes]
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def serve(
+    target: str,
+    *,
+    env: dict[str, str],
+    cwd: Path,
+    log_path: Path,
+    timeout: float = 120,
+    port: int | None = None,
+) -> Service:
+    """Start `bentoml serve TARGET` on a loopback port and wait until /readyz answers 200."""
+    port = port or free_port()
+    full_env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True", **env}
+    log_file = log_path.open("wb")
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "bentoml"), "serve", target, "--host", "127.0.0.1", "--port", str(port)],
+        cwd=cwd,
+        env=full_env,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    log_file.close()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    with httpx.Client(trust_env=False) as client:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"bentoml serve exited with {process.returncode}:\n{log_path.read_text()}")
+            try:
+                if client.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    return Service(url, log_path, process)
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+    stop_process(process)
+    raise RuntimeError(f"bentoml serve not ready after {timeout}s:\n{log_path.read_text()}")
+
+
+@pytest.fixture(scope="session")
+def service(
+    tmp_path_factory: pytest.TempPathFactory, file_root: Path, service_models: Path
+) -> Iterator[Service]:
+    """The real service under `bentoml serve`, allowed to call back 127.0.0.1 only."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    log_path = ARTIFACTS / "service.log"
+    env = {
+        "PIPELINE_MODELS_DIR": str(service_models),
+        "PIPELINE_FILE_ROOTS": str(file_root),
+        "PIPELINE_CALLBACK_HOSTS": "127.0.0.1,localhost",
+        "PIPELINE_CALLBACK_BACKOFF": "0.05",
+        "PIPELINE_CALLBACK_TIMEOUT": "5",
+        "PIPELINE_CACHE_DIR": str(tmp_path_factory.mktemp("ov-cache")),
+    }
+    running = serve("service:AicsdPipeline", env=env, cwd=REPO, log_path=log_path)
+    try:
+        yield running
+    finally:
+        stop_process(running.process)
+
+
+@pytest.fixture
+def client() -> Iterator[httpx.Client]:
+    with httpx.Client(timeout=120, trust_env=False) as http:
+        yield http
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Real photos nobody here made, from scikit-image's bundled data, as PNG files."""
+    from skimage import data
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("photos")
+    out = {}
+    for name in ("chelsea", "coffee"):
+        path = folder / f"{name}.png"
+        Image.fromarray(getattr(data, name)()).save(path)
+        out[name] = path
+    return out
+
+
+def copy_into(root: Path, source: Path, name: str | None = None) -> Path:
+    target = root / "input" / (name or source.name)
+    shutil.copyfile(source, target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def aicsd() -> Iterator["AicsdStandIn"]:
+    """The contract-enforcing AiCSD stand-in (job repository + task launcher) on 127.0.0.1."""
+    from .aicsd_standin import AicsdStandIn
+
+    with AicsdStandIn() as standin:
+        yield standin

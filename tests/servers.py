@@ -1,0 +1,178 @@
+"""Real servers for the tests: a Mosquitto broker and bridge processes, on free loopback ports."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 20, host: str = "127.0.0.1") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
+
+
+def stop_process(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+    """Stop a process started in its own session, and everything it started."""
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
+    return process.returncode
+
+
+def mosquitto_binary() -> str:
+    found = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+    if found is None:
+        raise RuntimeError("mosquitto is not installed: `apt-get install mosquitto` (.ci/run does it)")
+    return found
+
+
+@dataclass
+class Broker:
+    """A Mosquitto broker with persistence, restartable on the same port."""
+
+    folder: Path
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen | None = None
+
+    def start(self) -> Broker:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        config = self.folder / "mosquitto.conf"
+        config.write_text(
+            f"listener {self.port} 127.0.0.1\n"
+            "allow_anonymous true\n"
+            "persistence true\n"
+            f"persistence_location {self.folder}/\n"
+            "max_queued_messages 100000\n"
+            "log_dest stderr\n"
+            # Started as root, mosquitto would switch to user 'mosquitto', who cannot write here.
+            f"user {getpass.getuser()}\n"
+        )
+        log = (self.folder / "mosquitto.log").open("ab")
+        self.process = subprocess.Popen(
+            [mosquitto_binary(), "-c", str(config)], stdout=log, stderr=log, start_new_session=True
+        )
+        log.close()
+        wait_for_port(self.port)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process)
+            self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@dataclass
+class Bridge:
+    """`python paho_mqtt_client.py <config>` as a real process."""
+
+    folder: Path
+    service_url: str
+    broker_port: int
+    client_id: str
+    extra: dict = field(default_factory=dict)
+    process: subprocess.Popen | None = None
+
+    @property
+    def spool(self) -> Path:
+        return self.folder / "spool.sqlite3"
+
+    @property
+    def log_path(self) -> Path:
+        return self.folder / "bridge.log"
+
+    def write_config(self) -> Path:
+        config = {
+            "service": {"POST_url": "http://##.##.##.##", "port": "3000", "service_func": "classify"},
+            "gateway_ip": "127.0.0.1",
+            "mqtt": {
+                "topic": "mqtt-export/pipeline/params",
+                "hostname": "127.0.0.1",
+                "port": self.broker_port,
+                "qos": 1,
+                "client_id": self.client_id,
+                **self.extra.get("mqtt", {}),
+            },
+            "bridge": {
+                "concurrency": 2,
+                "spool": str(self.spool),
+                "retry_initial": 0.2,
+                "retry_max": 2,
+                "status_interval": 1,
+                "callback_hosts": "127.0.0.1",
+                **self.extra.get("bridge", {}),
+            },
+        }
+        path = self.folder / "pythonClientConfig.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    def start(self) -> Bridge:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        config = self.write_config()
+        env = {**os.environ, "BRIDGE_SERVICE_URL": self.service_url}
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, str(REPO / "paho_mqtt_client.py"), str(config)],
+            cwd=REPO, env=env, stdout=log, stderr=log, start_new_session=True,
+        )
+        log.close()
+        self.wait_for_log("subscribed to", timeout=20)
+        return self
+
+    def wait_for_log(self, text: str, timeout: float = 20, count: int = 1) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.log_text().count(text) >= count:
+                return
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"bridge exited with {self.process.returncode}:\n{self.log_text()}")
+            time.sleep(0.05)
+        raise TimeoutError(f"{text!r} not in the bridge log after {timeout}s:\n{self.log_text()[-3000:]}")
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        if self.process is not None:
+            stop_process(self.process, signal.SIGKILL)
+            self.process = None
+
+    def stop(self) -> int:
+        code = stop_process(self.process) if self.process is not None else 0
+        self.process = None
+        return code
