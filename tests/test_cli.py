@@ -1,0 +1,46 @@
+"""`python -m pipeline`: pipeline authors run a pipeline on local files with no service."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300, env={"PATH": "/usr/bin:/bin", "PIPELINE_MODELS_DIR": str(REPO / "models"),
+                                            "PIPELINE_CACHE_DIR": ""})
+
+
+def test_run_prints_real_labels_for_each_image(efficientnet_dir, photos):
+    result = run("run", "--model", "efficientnet-lite0", str(photos["chelsea"]), str(photos["coffee"]),
+                 "--param", "TopK=2")
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["Status"] for line in lines] == ["PipelineComplete", "PipelineComplete"]
+    cat, coffee = (json.loads(line["Results"])["top"] for line in lines)
+    assert cat[0]["index"] in range(281, 286) and len(cat) == 2
+    assert coffee[0]["index"] in (967, 968)
+
+
+def test_unreadable_image_is_reported_and_the_exit_code_says_so(efficientnet_dir, tmp_path):
+    bad = tmp_path / "bad.tiff"
+    bad.write_text("nope")
+    result = run("run", str(bad))
+    assert result.returncode == 1
+    line = json.loads(result.stdout)
+    assert line["Status"] == "PipelineFailed" and "bad.tiff" in line["Results"]
+
+
+def test_unknown_model_is_an_error_listing_the_models(efficientnet_dir, tmp_path):
+    result = run("run", "--model", "nope", str(tmp_path / "x.png"))
+    assert result.returncode == 2 and "unknown model 'nope'" in result.stderr and "efficientnet-lite0" in result.stderr
+
+
+def test_models_lists_the_repository(efficientnet_dir):
+    result = run("models")
+    assert result.returncode == 0 and result.stdout.startswith("efficientnet-lite0\tversion 1\t")
