@@ -10,13 +10,13 @@ because a job with a bad path can still be reported to AiCSD as `PipelineFailed`
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import SplitResult, urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from .errors import InputFileError, JobRejected, ParameterError
 
@@ -43,6 +43,10 @@ SEED_EXAMPLE: dict[str, Any] = {
 
 _JOB_UPDATE_PATH = re.compile(r"/api/v1/job/pipeline/(?P<job>[^/]+)/(?P<task>[^/]+)/?$")
 _STATUS_PATH = re.compile(r"/api/v1/pipelineStatus/(?P<job>[^/]+)/(?P<task>[^/]+)/?$")
+_CALLBACK_PATHS = {
+    "JobUpdateUrl": (_JOB_UPDATE_PATH, "/api/v1/job/pipeline"),
+    "PipelineStatusUrl": (_STATUS_PATH, "/api/v1/pipelineStatus"),
+}
 
 
 class ModelParams(Mapping[str, str]):
@@ -77,23 +81,21 @@ class ModelParams(Mapping[str, str]):
 
     def integer(self, key: str, default: int, *, minimum: int, maximum: int) -> int:
         """A whole number in [minimum, maximum]; anything else is a `ParameterError` naming `key`."""
-        raw = self.text(key, str(default))
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ParameterError(key, f"must be a whole number, got {raw!r}") from None
-        if not minimum <= value <= maximum:
-            raise ParameterError(key, f"must be between {minimum} and {maximum}, got {value}")
-        return value
+        return int(self._bounded(key, str(default), int, "a whole number", minimum, maximum))
 
     def number(self, key: str, default: float, *, minimum: float, maximum: float) -> float:
         """A finite number in [minimum, maximum]; anything else is a `ParameterError` naming `key`."""
-        raw = self.text(key, repr(default))
+        return self._bounded(key, repr(default), float, "a number", minimum, maximum)
+
+    def _bounded(
+        self, key: str, default: str, convert: Callable[[str], float], kind: str, minimum: float, maximum: float
+    ) -> float:
+        raw = self.text(key, default)
         try:
-            value = float(raw)
+            value = convert(raw)
         except ValueError:
-            raise ParameterError(key, f"must be a number, got {raw!r}") from None
-        if not minimum <= value <= maximum:
+            raise ParameterError(key, f"must be {kind}, got {raw!r}") from None
+        if not minimum <= value <= maximum:  # also refuses nan
             raise ParameterError(key, f"must be between {minimum:g} and {maximum:g}, got {raw}")
         return value
 
@@ -160,16 +162,11 @@ class JobRequest(BaseModel):
                 raise ValueError(f"value of {key!r} must be a string, got {type(item).__name__}")
         return out
 
-    @field_validator("JobUpdateUrl")
+    @field_validator("JobUpdateUrl", "PipelineStatusUrl")
     @classmethod
-    def _job_update_url(cls, value: str) -> str:
-        _split_callback(value, _JOB_UPDATE_PATH, "/api/v1/job/pipeline")
-        return value.strip()
-
-    @field_validator("PipelineStatusUrl")
-    @classmethod
-    def _status_url(cls, value: str) -> str:
-        _split_callback(value, _STATUS_PATH, "/api/v1/pipelineStatus")
+    def _callback_url(cls, value: str, info: ValidationInfo) -> str:
+        pattern, path = _CALLBACK_PATHS[info.field_name or ""]
+        _split_callback(value, pattern, path)
         return value.strip()
 
     @model_validator(mode="after")
