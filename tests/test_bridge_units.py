@@ -1,0 +1,183 @@
+"""Bridge pieces on their own: configuration, the spool, and the fate of each payload."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bridge.config import ConfigError, load_config
+from bridge.receiver import inspect_payload
+from bridge.spool import Spool
+
+REPO = Path(__file__).resolve().parent.parent
+ALLOWED = frozenset({"127.0.0.1", "job-repository", "task-launcher"})
+JOB = {
+    "InputFileLocation": "/tmp/files/input/1.tiff",
+    "OutputFileFolder": "/tmp/files/output",
+    "ModelParams": {"Brightness": "0"},
+    "JobUpdateUrl": "http://job-repository:59784/api/v1/job/pipeline/j1/t1",
+    "PipelineStatusUrl": "http://task-launcher:59785/api/v1/pipelineStatus/j1/t1",
+}
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+GOOD_CONFIG = """
+service: {POST_url: "http://localhost", port: "3000", service_func: classify}
+gateway_ip: "10.1.2.3"
+mqtt: {topic: mqtt-export/pipeline/params, hostname: broker, port: 1883}
+"""
+
+
+class TestConfig:
+    def test_reference_keys_make_the_api_url(self, tmp_path):
+        config = load_config(write(tmp_path, GOOD_CONFIG), env={})
+        assert config.service_url == "http://localhost:3000/classify"
+        assert (config.gateway_ip, config.mqtt_hostname, config.mqtt_port) == ("10.1.2.3", "broker", 1883)
+        assert (config.qos, config.concurrency, config.client_id) == (1, 2, "aicsd-pipeline-bridge")
+        assert config.subscription == "mqtt-export/pipeline/params"
+
+    def test_shipped_config_is_refused_until_the_placeholders_are_replaced(self):
+        with pytest.raises(ConfigError) as info:
+            load_config(REPO / "pythonClientConfig.yaml", env={})
+        assert [p.split(":")[0] for p in info.value.problems] == ["service.POST_url", "gateway_ip"]
+        assert "##.##.##.##" in str(info.value)
+
+    def test_shipped_config_works_with_environment_overrides(self, tmp_path):
+        env = {
+            "BRIDGE_SERVICE_URL": "http://127.0.0.1:3000/classify",
+            "BRIDGE_GATEWAY_IP": "192.168.0.20",
+            "BRIDGE_MQTT_HOSTNAME": "127.0.0.1",
+            "BRIDGE_MQTT_PORT": "1884",
+            "BRIDGE_SPOOL": str(tmp_path / "s.db"),
+        }
+        config = load_config(REPO / "pythonClientConfig.yaml", env=env)
+        assert config.service_url == "http://127.0.0.1:3000/classify"
+        assert (config.mqtt_hostname, config.mqtt_port, config.spool) == ("127.0.0.1", 1884, tmp_path / "s.db")
+        assert config.topic == "mqtt-export/pipeline/params" and config.qos == 1
+
+    def test_shared_group_subscribes_to_the_share_topic(self, tmp_path):
+        assert load_config(write(tmp_path, GOOD_CONFIG), env={}).shared_group is None
+        text = GOOD_CONFIG.replace("port: 1883}", "port: 1883, shared_group: pipelines}")
+        assert load_config(write(tmp_path, text), env={}).subscription == "$share/pipelines/mqtt-export/pipeline/params"
+
+    def test_every_problem_is_listed_at_once(self, tmp_path):
+        text = """
+service: {POST_url: "ftp//x", port: "30a0"}
+gateway_ip: "##.##.##.##"
+mqtt: {topic: "a/#", hostname: broker, port: 99999, qos: 3, tls: {ca_certs: /nonexistent/ca.crt}}
+bridge: {concurrency: 0, max_age: soon}
+"""
+        with pytest.raises(ConfigError) as info:
+            load_config(write(tmp_path, text), env={})
+        keys = [p.split(":")[0] for p in info.value.problems]
+        assert keys == [
+            "service.port", "gateway_ip", "mqtt.port", "mqtt.topic", "mqtt.qos", "mqtt.tls.ca_certs",
+            "bridge.concurrency", "bridge.max_age",
+        ]
+
+    def test_missing_file_and_bad_yaml_are_reported(self, tmp_path):
+        with pytest.raises(ConfigError, match="does not exist"):
+            load_config(tmp_path / "nope.yaml", env={})
+        with pytest.raises(ConfigError, match="not valid YAML"):
+            load_config(write(tmp_path, "service: [unclosed"), env={})
+        with pytest.raises(ConfigError, match="mapping"):
+            load_config(write(tmp_path, "- a list"), env={})
+
+
+class TestSpool:
+    def test_same_job_is_stored_once(self, tmp_path):
+        spool = Spool(tmp_path / "s.db")
+        assert spool.add("j", "t", "{}") is True
+        assert spool.add("j", "t", "{}") is False
+        assert spool.add("j", "t2", "{}") is True
+        assert spool.counts().queued == 2
+
+    def test_jobs_are_claimed_in_arrival_order_and_only_once(self, tmp_path):
+        clock = iter(range(100)).__next__
+        spool = Spool(tmp_path / "s.db", clock=lambda: float(clock()))
+        for name in ("a", "b", "c"):
+            spool.add(name, "t", "{}")
+        claimed = [spool.claim() for _ in range(4)]
+        assert [c.job_id if c else None for c in claimed] == ["a", "b", "c", None]
+        assert spool.counts().inflight == 3
+
+    def test_job_retried_later_is_not_due_before_its_time(self, tmp_path):
+        now = [0.0]
+        spool = Spool(tmp_path / "s.db", clock=lambda: now[0])
+        spool.add("a", "t", "{}")
+        job = spool.claim()
+        spool.retry_later(job.key, 5, "service down")
+        assert spool.claim() is None and spool.next_due() == 5
+        now[0] = 6
+        again = spool.claim()
+        assert again.job_id == "a" and again.attempts == 2
+
+    def test_in_flight_jobs_survive_a_restart_and_are_queued_again(self, tmp_path):
+        spool = Spool(tmp_path / "s.db")
+        spool.add("a", "t", '{"x": 1}')
+        spool.claim()
+        spool.close()
+        reopened = Spool(tmp_path / "s.db")
+        assert reopened.requeue_inflight() == 1
+        assert reopened.claim().payload == '{"x": 1}'
+
+    def test_finished_job_is_not_queued_again_when_redelivered(self, tmp_path):
+        spool = Spool(tmp_path / "s.db")
+        spool.add("a", "t", "{}")
+        spool.complete(spool.claim().key)
+        assert spool.add("a", "t", "{}") is False
+        assert spool.counts().done == 1 and spool.counts().queued == 0
+
+    def test_failed_job_goes_to_the_dead_letter_table_with_its_reason(self, tmp_path):
+        spool = Spool(tmp_path / "s.db")
+        spool.add("a", "t", "{}")
+        spool.fail(spool.claim(), "service refused the job (422)")
+        spool.dead_letter("payload is not JSON", b"\xff", topic="x")
+        assert spool.dead_letters() == [("a", "t", "service refused the job (422)"), (None, None, "payload is not JSON")]
+        counts = spool.counts()
+        assert (counts.failed, counts.dead_letters) == (1, 2)
+
+    def test_old_finished_jobs_are_pruned(self, tmp_path):
+        now = [0.0]
+        spool = Spool(tmp_path / "s.db", clock=lambda: now[0])
+        spool.add("a", "t", "{}")
+        spool.complete(spool.claim().key)
+        now[0] = 100
+        assert spool.prune(50) == 1 and spool.add("a", "t", "{}") is True
+
+
+class TestPayloads:
+    def test_valid_job_is_spooled_under_its_job_and_task_ids(self):
+        receipt = inspect_payload(json.dumps(JOB).encode(), ALLOWED)
+        assert receipt.key == ("j1", "t1") and receipt.dead_reason is None and receipt.reject_reason is None
+
+    @pytest.mark.parametrize(
+        "payload, reason",
+        [
+            (b"\xff\xfe", "not UTF-8"),
+            (b"{not json", "not JSON"),
+            (b"[1, 2]", "JSON list, not an object"),
+            (b'"text"', "JSON str, not an object"),
+            (json.dumps({**JOB, "JobUpdateUrl": "nonsense"}).encode(), "JobUpdateUrl"),
+        ],
+    )
+    def test_payload_that_cannot_be_reported_is_dead_lettered(self, payload, reason):
+        receipt = inspect_payload(payload, ALLOWED)
+        assert receipt.key is None and reason in receipt.dead_reason
+
+    def test_job_with_usable_urls_but_a_missing_field_is_spooled_to_be_failed(self):
+        job = {k: v for k, v in JOB.items() if k != "InputFileLocation"}
+        receipt = inspect_payload(json.dumps(job).encode(), ALLOWED)
+        assert receipt.key == ("j1", "t1") and "InputFileLocation" in receipt.reject_reason
+
+    def test_job_whose_callback_host_is_not_allowed_is_dead_lettered(self):
+        job = {**JOB, "JobUpdateUrl": JOB["JobUpdateUrl"].replace("job-repository", "elsewhere")}
+        receipt = inspect_payload(json.dumps(job).encode(), ALLOWED)
+        assert receipt.key is None and "bridge.callback_hosts" in receipt.dead_reason
