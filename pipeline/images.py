@@ -68,7 +68,6 @@ def _read_tiff(path: Path, max_pixels: int, first_only: bool) -> list[np.ndarray
         if len(spatial) != 2:
             raise ImageError(f"TIFF file '{path.name}' has no 2-D image (axes {axes})")
         height, width = shape[spatial[0]], shape[spatial[1]]
-        samples = next((shape[i] for i, a in enumerate(axes) if a == "S"), 1)
         pages = int(np.prod([n for i, n in enumerate(shape) if axes[i] not in "YXS"], dtype=np.int64)) or 1
         counted = 1 if first_only else pages
         _check_pixels(path, height * width * counted, max_pixels)

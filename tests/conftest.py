@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
-from .servers import free_port, stop_process
+from devtools.aicsd_standin import AicsdStandIn
+from devtools.servers import Service, serve_bento, stop_process
 from .tiny_models import channel_mean_classifier, write_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -52,54 +48,6 @@ def service_models(tmp_path_factory: pytest.TempPathFactory, efficientnet_dir: P
     return models
 
 
-@dataclass
-class Service:
-    url: str
-    log_path: Path
-    process: subprocess.Popen[bytes]
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-def serve(
-    target: str,
-    *,
-    env: dict[str, str],
-    cwd: Path,
-    log_path: Path,
-    timeout: float = 120,
-    port: int | None = None,
-) -> Service:
-    """Start `bentoml serve TARGET` on a loopback port and wait until /readyz answers 200."""
-    port = port or free_port()
-    full_env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True", **env}
-    log_file = log_path.open("wb")
-    process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "bentoml"), "serve", target, "--host", "127.0.0.1", "--port", str(port)],
-        cwd=cwd,
-        env=full_env,
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    log_file.close()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    with httpx.Client(trust_env=False) as client:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"bentoml serve exited with {process.returncode}:\n{log_path.read_text()}")
-            try:
-                if client.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    return Service(url, log_path, process)
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-    stop_process(process)
-    raise RuntimeError(f"bentoml serve not ready after {timeout}s:\n{log_path.read_text()}")
-
-
 @pytest.fixture(scope="session")
 def service(
     tmp_path_factory: pytest.TempPathFactory, file_root: Path, service_models: Path
@@ -115,7 +63,7 @@ def service(
         "PIPELINE_CALLBACK_TIMEOUT": "5",
         "PIPELINE_CACHE_DIR": str(tmp_path_factory.mktemp("ov-cache")),
     }
-    running = serve("service:AicsdPipeline", env=env, cwd=REPO, log_path=log_path)
+    running = serve_bento("service:AicsdPipeline", env=env, cwd=REPO, log_path=log_path)
     try:
         yield running
     finally:
@@ -150,9 +98,7 @@ def copy_into(root: Path, source: Path, name: str | None = None) -> Path:
 
 
 @pytest.fixture(scope="session")
-def aicsd() -> Iterator["AicsdStandIn"]:
+def aicsd() -> Iterator[AicsdStandIn]:
     """The contract-enforcing AiCSD stand-in (job repository + task launcher) on 127.0.0.1."""
-    from .aicsd_standin import AicsdStandIn
-
     with AicsdStandIn() as standin:
         yield standin

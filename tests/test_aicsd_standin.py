@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from .aicsd_standin import AicsdStandIn, parse_job_update, ContractError
+from devtools.aicsd_standin import AicsdStandIn, parse_job_update, ContractError
 
 GOOD = {
     "Status": "PipelineComplete",

@@ -17,8 +17,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from PIL import Image
 
-from .conftest import serve
-from .servers import Bridge, Broker, free_port, stop_process
+from devtools.servers import serve_bento
+from devtools.servers import Bridge, Broker, free_port, stop_process
 
 pytestmark = pytest.mark.integration
 
@@ -159,7 +159,7 @@ def test_malformed_payloads_are_dead_lettered_and_the_bridge_keeps_running(
 def test_service_refusing_a_job_with_422_makes_the_bridge_report_pipeline_failed(
     bridges, broker, service, file_root, image, tmp_path
 ):
-    from .aicsd_standin import AicsdStandIn
+    from devtools.aicsd_standin import AicsdStandIn
 
     # The service allows callbacks to 127.0.0.1 only; the bridge also to 127.0.0.2.
     bridge = start_bridge(bridges, tmp_path / "bridge", service.url, broker,
@@ -242,7 +242,7 @@ def test_service_down_for_20_seconds_jobs_are_delivered_when_it_returns(
         "PIPELINE_CALLBACK_HOSTS": "127.0.0.1",
         "PIPELINE_CACHE_DIR": "",
     }
-    late = serve("service:AicsdPipeline", env=env, cwd=Path(__file__).resolve().parent.parent,
+    late = serve_bento("service:AicsdPipeline", env=env, cwd=Path(__file__).resolve().parent.parent,
                  log_path=tmp_path / "late-service.log", port=port)
     try:
         assert_exactly_once(aicsd, jobs, timeout=90)

@@ -17,7 +17,7 @@ import tifffile
 from PIL import Image
 
 from .conftest import copy_into
-from .servers import free_port
+from devtools.servers import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -226,7 +226,7 @@ class TestRequestsThatCannotBeRunAreRejectedWithoutCallbacks:
         self.assert_no_callbacks(aicsd, job)
 
     def test_callback_host_not_allowed_gets_422_and_is_never_called(self, service, client, file_root, photos):
-        from .aicsd_standin import AicsdStandIn
+        from devtools.aicsd_standin import AicsdStandIn
 
         image = copy_into(file_root, photos["chelsea"], f"{uuid.uuid4()}.png")
         with AicsdStandIn(host="127.0.0.2") as elsewhere:

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -176,3 +177,51 @@ class Bridge:
         code = stop_process(self.process) if self.process is not None else 0
         self.process = None
         return code
+
+
+@dataclass
+class Service:
+    url: str
+    log_path: Path
+    process: subprocess.Popen[bytes]
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def serve_bento(
+    target: str,
+    *,
+    env: dict[str, str],
+    cwd: Path,
+    log_path: Path,
+    timeout: float = 120,
+    port: int | None = None,
+) -> Service:
+    """Start `bentoml serve TARGET` on a loopback port and wait until /readyz answers 200."""
+    port = port or free_port()
+    full_env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True", **env}
+    log_file = log_path.open("wb")
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "bentoml"), "serve", target, "--host", "127.0.0.1", "--port", str(port)],
+        cwd=cwd,
+        env=full_env,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    log_file.close()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    with httpx.Client(trust_env=False) as client:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"bentoml serve exited with {process.returncode}:\n{log_path.read_text()}")
+            try:
+                if client.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    return Service(url, log_path, process)
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+    stop_process(process)
+    raise RuntimeError(f"bentoml serve not ready after {timeout}s:\n{log_path.read_text()}")
