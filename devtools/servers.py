@@ -1,4 +1,4 @@
-"""Real servers for the tests: a Mosquitto broker and bridge processes, on free loopback ports."""
+"""Real servers on free loopback ports: an MQTT broker, `bentoml serve`, bridge processes."""
 
 from __future__ import annotations
 
@@ -58,16 +58,33 @@ def mosquitto_binary() -> str:
     return found
 
 
+def broker_kind(preferred: str = "auto") -> str:
+    """`mosquitto` when installed (or asked for), else the embedded Python broker `amqtt`."""
+    if preferred != "auto":
+        return preferred
+    return "mosquitto" if shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists() else "amqtt"
+
+
 @dataclass
 class Broker:
-    """A Mosquitto broker with persistence, restartable on the same port."""
+    """An MQTT broker on a loopback port: Mosquitto with persistence (restartable on the same
+    port), or amqtt from PyPI where Mosquitto is not installed."""
 
     folder: Path
     port: int = field(default_factory=free_port)
+    kind: str = "mosquitto"
     process: subprocess.Popen | None = None
 
     def start(self) -> Broker:
         self.folder.mkdir(parents=True, exist_ok=True)
+        command = self._mosquitto() if self.kind == "mosquitto" else self._amqtt()
+        log = (self.folder / f"{self.kind}.log").open("ab")
+        self.process = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
+        log.close()
+        wait_for_port(self.port)
+        return self
+
+    def _mosquitto(self) -> list[str]:
         config = self.folder / "mosquitto.conf"
         config.write_text(
             f"listener {self.port} 127.0.0.1\n"
@@ -79,13 +96,19 @@ class Broker:
             # Started as root, mosquitto would switch to user 'mosquitto', who cannot write here.
             f"user {getpass.getuser()}\n"
         )
-        log = (self.folder / "mosquitto.log").open("ab")
-        self.process = subprocess.Popen(
-            [mosquitto_binary(), "-c", str(config)], stdout=log, stderr=log, start_new_session=True
+        return [mosquitto_binary(), "-c", str(config)]
+
+    def _amqtt(self) -> list[str]:
+        config = self.folder / "amqtt.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{self.port}"}},
+                    "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+                }
+            )
         )
-        log.close()
-        wait_for_port(self.port)
-        return self
+        return [str(Path(sys.executable).parent / "amqtt"), "-c", str(config)]
 
     def stop(self) -> None:
         if self.process is not None:
@@ -95,6 +118,27 @@ class Broker:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+
+def publish(port: int, payloads: list[bytes | str], topic: str = "mqtt-export/pipeline/params",
+            interval: float = 0.0) -> None:
+    """Publish each payload at QoS 1, as EdgeX's export does once set to QoS 1, and wait for the broker."""
+    import uuid
+
+    import paho.mqtt.client as mqtt
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"publisher-{uuid.uuid4().hex[:8]}")
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        for payload in payloads:
+            data = payload if isinstance(payload, bytes) else payload.encode()
+            client.publish(topic, data, qos=1).wait_for_publish(10)
+            if interval:
+                time.sleep(interval)
+    finally:
+        client.disconnect()
+        client.loop_stop()
 
 
 @dataclass

@@ -13,12 +13,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import paho.mqtt.client as mqtt
 import pytest
 from PIL import Image
 
 from devtools.servers import serve_bento
-from devtools.servers import Bridge, Broker, free_port, stop_process
+from devtools.servers import Bridge, Broker, free_port, publish, stop_process
 
 pytestmark = pytest.mark.integration
 
@@ -70,22 +69,6 @@ def job_payload(aicsd, image: Path, output: Path, **changes) -> tuple[object, di
         **changes,
     }
     return job, payload
-
-
-def publish(port: int, payloads: list[bytes | str], interval: float = 0.0) -> None:
-    """Publish each payload at QoS 1 and wait for the broker's acknowledgement."""
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"publisher-{uuid.uuid4().hex[:8]}")
-    client.connect("127.0.0.1", port)
-    client.loop_start()
-    try:
-        for payload in payloads:
-            data = payload if isinstance(payload, bytes) else payload.encode()
-            client.publish(TOPIC, data, qos=1).wait_for_publish(10)
-            if interval:
-                time.sleep(interval)
-    finally:
-        client.disconnect()
-        client.loop_stop()
 
 
 def assert_exactly_once(aicsd, jobs, status: str = "PipelineComplete", timeout: float = 60) -> None:
@@ -190,7 +173,8 @@ def test_bridge_killed_mid_stream_and_restarted_processes_all_50_jobs_exactly_on
     folder = tmp_path / "bridge"
     bridge = start_bridge(bridges, folder, service.url, broker)
     jobs, payloads = zip(*(job_payload(aicsd, image, file_root / "output") for _ in range(50)))
-    publisher = threading.Thread(target=publish, args=(broker.port, [json.dumps(p) for p in payloads], 0.02))
+    publisher = threading.Thread(target=publish, args=(broker.port, [json.dumps(p) for p in payloads]),
+                                 kwargs={"interval": 0.02})
     publisher.start()
     bridge.wait_for_log("forwarded", count=8, timeout=60)
     bridge.kill()
