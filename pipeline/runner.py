@@ -83,6 +83,7 @@ class PipelineRunner:
     def run(self, job: Job) -> PipelineOutcome:
         """Run a job from the service: paths must lie inside the file roots. Never raises."""
         job_log = JobLog(log, job.job_id, job.task_id)
+        job_log.info("received from gateway %s", job.gateway_ip or "(not given)")
 
         def task() -> PipelineTask:
             roots = self.settings.file_roots

@@ -6,6 +6,7 @@ Jobs use the small `tiny` model so that what is measured is the bridge, not the 
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 import time
 import uuid
@@ -92,13 +93,14 @@ def test_published_jobs_reach_aicsd_as_one_update_then_one_status_each(
     bridge.wait_for_log("status: queued=0 in_flight=0 done=5")
 
 
-def test_seed_message_without_gateway_ip_gets_it_added(bridges, broker, service, aicsd, file_root, image, tmp_path):
+def test_seed_message_published_with_mosquitto_pub_gets_its_gateway_ip_and_completes(bridges, broker, service, aicsd, file_root, image, tmp_path):
     bridge = start_bridge(bridges, tmp_path / "bridge", service.url, broker)
     job, payload = job_payload(aicsd, image, file_root / "output", ModelParams={"Brightness": "0", "Model": "tiny"})
     assert "GatewayIP" not in payload
-    publish(broker.port, [json.dumps(payload)])
+    subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.port), "-q", "1", "-t", TOPIC,
+                    "-m", json.dumps(payload)], check=True, timeout=30)
     assert_exactly_once(aicsd, [job])
-    assert f"job={job.job_id}" in service.log_text()
+    assert f"job={job.job_id} task={job.task_id} received from gateway 127.0.0.1" in service.log_text()
     bridge.wait_for_log(f"job={job.job_id} task={job.task_id} forwarded")
 
 
