@@ -14,10 +14,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from .cell_counter import write_cell_counter
 from .efficientnet_lite import write_efficientnet_lite0
 
 BUILDERS: dict[str, Callable[[Path], Path]] = {
     "efficientnet-lite0": write_efficientnet_lite0,
+    "cell-counter": write_cell_counter,
 }
 """Model directory name -> builder writing its version 1 into the directory it is given."""
 

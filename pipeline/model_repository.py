@@ -229,7 +229,11 @@ class ModelRepository:
             raise ModelError(f"model '{entry.name}' cannot be read from {entry.model_file}: {exc}") from None
         info = ModelInfo.from_entries(_info_entries(model, entry), f"model '{entry.name}'")
         model = _fold_preprocessing(model, info, entry.name)
-        config = {"PERFORMANCE_HINT": self.performance_hint}
+        # A model may ask for its own precision or hint (the counter needs f32: bf16 would
+        # blur the small differences of Gaussians it works on).
+        config = {"PERFORMANCE_HINT": info.extra.get("performance_hint", self.performance_hint)}
+        if "inference_precision" in info.extra:
+            config["INFERENCE_PRECISION_HINT"] = info.extra["inference_precision"]
         try:
             compiled = self.core.compile_model(model, self.device, config)
         except RuntimeError as exc:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .base import JobLog, Pipeline, PipelineTask
 from .classification import ClassificationPipeline
+from .counting import CountingPipeline
 from .errors import ModelError, PipelineError
 from .job import Job, ModelParams, resolve_inside
 from .model_repository import CompiledModel, ModelRepository
@@ -27,6 +28,7 @@ PipelineFactory = Callable[[CompiledModel, int], Pipeline]
 
 PIPELINE_KINDS: dict[str, PipelineFactory] = {
     "Classification": lambda model, max_pixels: ClassificationPipeline(model, max_pixels=max_pixels),
+    "BlobCounting": lambda model, max_pixels: CountingPipeline(model, max_pixels=max_pixels),
 }
 """model_type (from the model's rt_info) -> the pipeline kind that serves it."""
 

@@ -19,12 +19,19 @@ ARTIFACTS = REPO / "test-artifacts"
 
 
 @pytest.fixture(scope="session")
-def efficientnet_dir() -> Path:
-    """The real EfficientNet-Lite0 IR, built by `make models` (built here if missing)."""
-    from model_builders.efficientnet_lite import write_efficientnet_lite0
+def built_models() -> Path:
+    """The bundled models as `make models` builds them (built here if missing or out of date)."""
+    from model_builders.__main__ import BUILDERS
 
-    write_efficientnet_lite0(MODELS / "efficientnet-lite0" / "1")
-    return MODELS / "efficientnet-lite0"
+    for name, build in BUILDERS.items():
+        build(MODELS / name / "1")
+    return MODELS
+
+
+@pytest.fixture(scope="session")
+def efficientnet_dir(built_models: Path) -> Path:
+    """The real EfficientNet-Lite0 IR."""
+    return built_models / "efficientnet-lite0"
 
 
 @pytest.fixture(scope="session")
@@ -41,6 +48,7 @@ def service_models(tmp_path_factory: pytest.TempPathFactory, efficientnet_dir: P
     """A model repository for the service: the real model plus small ones that show edge cases."""
     models = tmp_path_factory.mktemp("models")
     (models / "efficientnet-lite0").symlink_to(efficientnet_dir, target_is_directory=True)
+    (models / "cell-counter").symlink_to(efficientnet_dir.parent / "cell-counter", target_is_directory=True)
     (models / "empty" / "1").mkdir(parents=True)
     write_model(models / "tiny" / "1", channel_mean_classifier(8), {"model_type": "Classification",
                                                                      "labels": "red green blue"})

@@ -43,4 +43,22 @@ def test_unknown_model_is_an_error_listing_the_models(efficientnet_dir, tmp_path
 
 def test_models_lists_the_repository(efficientnet_dir):
     result = run("models")
-    assert result.returncode == 0 and result.stdout.startswith("efficientnet-lite0\tversion 1\t")
+    lines = result.stdout.splitlines()
+    assert result.returncode == 0
+    assert any(line.startswith("efficientnet-lite0\tversion 1\t") for line in lines)
+    assert any(line.startswith("cell-counter\tversion 1\t") for line in lines)
+
+
+def test_counting_prints_the_count_and_writes_both_files(built_models, tmp_path):
+    import tifffile
+
+    from devtools.synthetic_blobs import make_image
+
+    image = tmp_path / "cells.tiff"
+    tifffile.imwrite(image, make_image(7, bits=16, count=30, touching_pairs=3, size=256).pixels)
+    result = run("run", "--model", "cell-counter", str(image), "--output", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    line = json.loads(result.stdout)
+    assert abs(json.loads(line["Results"])["CellCount"] - 30) <= 2
+    assert sorted(Path(p).name for p in line["OutputFiles"]) == ["cells-counted.tiff", "cells-counts.csv"]
+    assert all(Path(p).is_file() for p in line["OutputFiles"])

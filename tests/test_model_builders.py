@@ -189,3 +189,20 @@ def test_build_is_skipped_when_the_model_is_up_to_date(tmp_path):
     assert write_efficientnet_lite0(tmp_path / "1") == target
     assert target.stat().st_mtime_ns == before
     assert sorted(p.name for p in (tmp_path / "1").iterdir()) == ["model.bin", "model.xml"]
+
+
+def test_cell_counter_finds_a_known_blob_on_any_image_size(tmp_path):
+    from model_builders.cell_counter import dog_sigmas, write_cell_counter
+
+    model = ov.Core().read_model(write_cell_counter(tmp_path / "1"))
+    assert _info(model, "model_type") == "BlobCounting"
+    assert [float(s) for s in _info(model, "sigmas").split()] == pytest.approx(dog_sigmas(), rel=1e-5)
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    for height, width in ((100, 140), (257, 255)):
+        yy, xx = np.mgrid[:height, :width]
+        blob = np.exp(-((yy - 40) ** 2 + (xx - 70) ** 2) / (2 * 3.0**2)).astype(np.float32)
+        result = compiled([blob[np.newaxis, np.newaxis], np.float32(0.1)])
+        indices, values = result["peak_indices"], result["peak_values"]
+        best = indices[np.argmax(values)]
+        assert (best[2], best[3]) == (40, 70)
+        assert dog_sigmas()[best[1]] == pytest.approx(3.0, rel=0.15)

@@ -293,7 +293,7 @@ class TestServiceSurface:
     def test_pipelines_are_listed_in_the_aicsd_format(self, service, client):
         listing = client.post(f"{service.url}/pipelines", json={}).json()
         by_id = {p["id"]: p for p in listing}
-        assert set(by_id) == {"ovms/efficientnet-lite0", "ovms/empty", "ovms/exotic", "ovms/tiny"}
+        assert set(by_id) == {"ovms/cell-counter", "ovms/efficientnet-lite0", "ovms/empty", "ovms/exotic", "ovms/tiny"}
         assert by_id["ovms/efficientnet-lite0"] == {
             "id": "ovms/efficientnet-lite0",
             "name": "efficientnet-lite0 OVMS Pipeline",
@@ -317,3 +317,36 @@ class TestServiceSurface:
         lines = [line for line in service.log_text().splitlines() if job.job_id in line]
         assert len(lines) >= 3
         assert all(f"job={job.job_id} task={job.task_id}" in line for line in lines)
+
+
+class TestCounting:
+    def test_multi_page_16_bit_tiff_job_lists_complete_output_files_before_the_status(
+        self, service, aicsd, client, file_root
+    ):
+        from devtools.synthetic_blobs import make_image
+
+        pages = [make_image(seed, bits=16, count=40, touching_pairs=4, size=384).pixels for seed in (21, 22)]
+        image = file_root / "input" / f"{uuid.uuid4()}.tiff"
+        tifffile.imwrite(image, np.stack(pages), photometric="minisblack")
+        job, body = job_body(aicsd, image, file_root / "output", Model="cell-counter")
+        response = classify(client, service, body)
+        assert response.status_code == 200, response.text
+        results = json.loads(response.json()["Results"])
+        assert list(results)[:2] == ["CellCount", "Pages"] and len(results["Pages"]) == 2
+        assert abs(results["CellCount"] - 80) <= 4
+        state = aicsd.wait_for_status(job.job_id, timeout=30)
+        # The stand-in checked every listed file on disk when the status arrived.
+        assert state.ended == "complete" and state.missing_files == []
+        listed = [(f["dirname"], f["name"], f["extension"]) for f in state.output_files]
+        assert listed == [
+            (str(file_root / "output"), f"{image.stem}-counted.tiff", "tiff"),
+            (str(file_root / "output"), f"{image.stem}-counts.csv", "csv"),
+        ]
+
+    def test_bad_counting_parameter_fails_the_job_naming_it(self, service, aicsd, client, file_root):
+        from devtools.synthetic_blobs import make_image
+
+        image = file_root / "input" / f"{uuid.uuid4()}.tiff"
+        tifffile.imwrite(image, make_image(1, bits=8, count=5, touching_pairs=0, size=64).pixels)
+        job, body = job_body(aicsd, image, file_root / "output", Model="cell-counter", MaxDiameter="huge")
+        assert "ModelParams MaxDiameter" in failed_job(aicsd, client, service, body, job)

@@ -1,0 +1,54 @@
+"""Writing output files the way AiCSD needs them: complete before the callbacks, never overwriting.
+
+Each file is written under a temporary name in the output folder, then linked into place with a
+call that fails when the name is taken, so an existing file is never replaced: the next free
+numbered suffix (`-1`, `-2`, ...) keeps both. Files written together share one suffix.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .errors import InputFileError
+
+__all__ = ["publish_together"]
+
+Writer = Callable[[Path], None]
+
+
+def _numbered(name: str, number: int) -> str:
+    if number == 0:
+        return name
+    stem, dot, ext = name.partition(".")
+    return f"{stem}-{number}{dot}{ext}"
+
+
+def publish_together(folder: Path, files: Sequence[tuple[str, Writer]], max_tries: int = 1000) -> list[Path]:
+    """Write each (name, writer) to a temporary file, then give all of them their final names."""
+    temporaries: list[Path] = []
+    try:
+        for name, write in files:
+            temporary = folder / f".{name}.{uuid.uuid4().hex}.partial"
+            temporaries.append(temporary)
+            write(temporary)
+        for number in range(max_tries):
+            finals = [folder / _numbered(name, number) for name, _ in files]
+            linked: list[Path] = []
+            try:
+                for temporary, final in zip(temporaries, finals):
+                    os.link(temporary, final)  # fails if `final` exists: nothing is overwritten
+                    linked.append(final)
+            except FileExistsError:
+                for path in linked:
+                    path.unlink()
+                continue
+            return finals
+        raise InputFileError(f"OutputFileFolder '{folder}' already holds {max_tries} numbered copies of {files[0][0]}")
+    except OSError as exc:
+        raise InputFileError(f"cannot write output files into '{folder}': {exc.strerror or exc}") from None
+    finally:
+        for temporary in temporaries:
+            temporary.unlink(missing_ok=True)
