@@ -18,8 +18,23 @@ GATEWAY_FILES ?= $(HOME)/data/gateway-files
 export BENTOML_DO_NOT_TRACK := True
 
 .DEFAULT_GOAL := help
-.PHONY: help setup models serve test demo clean \
-        docker-build-mqtt-client run-mqtt-client docker-down-mqtt-client
+.PHONY: help setup models serve test demo clean build docker-build-bento docker-build run down \
+        docker-down-bento docker-build-mqtt-client run-mqtt-client docker-down-mqtt-client
+
+# The reference's usage message when BENTO_TAG is missing; $(1) is the make command to show.
+define require_bento_tag
+	@if [ -z "$(BENTO_TAG)" ]; then \
+		echo "BENTO_TAG is not set, correct usage - make $(1) BENTO_TAG=<bento_image_name>:<bento_image_tag>" >&2; \
+		exit 2; fi
+endef
+
+# Stop and remove the containers started from image $(1); quiet success when there are none.
+define docker_down
+	@if ! docker info >/dev/null 2>&1; then echo "docker engine not reachable: no $(1) container to stop"; exit 0; fi; \
+	ids=$$(docker ps -aq --filter ancestor=$(1)); \
+	if [ -n "$$ids" ]; then docker rm -f $$ids >/dev/null && echo "stopped and removed $(1) container(s)"; \
+	else echo "no $(1) container running"; fi
+endef
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-26s %s\n", $$1, $$2}'
@@ -46,6 +61,37 @@ demo: setup ## Run broker, service, bridge and an AiCSD stand-in on sample image
 test: setup ## Run the test suite
 	$(PY) -m pytest
 
+build: models ## Build the bento (bentoml build) and print its tag
+	@$(BENTOML) build -o tag > .bento-build.log 2>&1 || { cat .bento-build.log >&2; exit 1; }
+	@tag=$$(sed -n 's/^__tag__://p' .bento-build.log); rm -f .bento-build.log; \
+	echo ""; echo "Built bento: $$tag"; echo ""; \
+	echo "  make docker-build BENTO_TAG=$$tag"; \
+	echo "  make run BENTO_TAG=$$tag"; \
+	echo "  bentoml serve $$tag"
+
+docker-build-bento: ## Build the bento's container image (BENTO_TAG=<name>:<tag> from make build)
+	$(call require_bento_tag,docker-build)
+	$(BENTOML) containerize $(BENTO_TAG)
+
+docker-build: ## Build the bento image and the bridge image (BENTO_TAG required)
+	$(call require_bento_tag,docker-build)
+	$(MAKE) --no-print-directory docker-build-mqtt-client
+	$(MAKE) --no-print-directory docker-build-bento BENTO_TAG=$(BENTO_TAG)
+
+run: ## Start the bento container on the EdgeX network, then the bridge container (BENTO_TAG required)
+	$(call require_bento_tag,run)
+	docker run -itd --network=$(EDGEX_NETWORK) -p $(PORT):3000 -v $(GATEWAY_FILES):/tmp/files $(BENTO_TAG) serve
+	$(MAKE) --no-print-directory run-mqtt-client
+
+docker-down-bento: ## Stop and remove the bento container (BENTO_TAG required; quiet when none runs)
+	$(call require_bento_tag,docker-down-bento)
+	$(call docker_down,$(BENTO_TAG))
+
+down: ## Stop and remove the bento and bridge containers (BENTO_TAG required; quiet when none runs)
+	$(call require_bento_tag,down)
+	$(MAKE) --no-print-directory docker-down-bento BENTO_TAG=$(BENTO_TAG)
+	$(MAKE) --no-print-directory docker-down-mqtt-client
+
 docker-build-mqtt-client: ## Build the MQTT bridge image (paho_mqtt_client)
 	docker build -t $(MQTT_CLIENT_IMAGE) .
 
@@ -57,9 +103,7 @@ run-mqtt-client: ## Start the bridge container on the EdgeX network with pythonC
 		$(MQTT_CLIENT_IMAGE):latest
 
 docker-down-mqtt-client: ## Stop and remove the bridge container (quiet when none runs)
-	@ids=$$(docker ps -q --filter ancestor=$(MQTT_CLIENT_IMAGE):latest 2>/dev/null); \
-	if [ -n "$$ids" ]; then docker rm -f $$ids >/dev/null && echo "removed $(MQTT_CLIENT_IMAGE) container(s)"; \
-	else echo "no $(MQTT_CLIENT_IMAGE) container running"; fi
+	$(call docker_down,$(MQTT_CLIENT_IMAGE):latest)
 
 clean: ## Remove built models, demo files, caches and test artifacts (keeps .venv)
 	rm -rf $(MODELS_DIR)/*/ .demo .pytest_cache test-artifacts

@@ -8,10 +8,13 @@ AiCSD client to BentoML's API, and holds no pipeline logic. Run it with `bentoml
 from __future__ import annotations
 
 import logging
+import os
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any
 
 import bentoml
+import yaml
 from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse
 
@@ -64,7 +67,22 @@ def _callback(answer: CallbackAnswer | None) -> CallbackResult | None:
     return None if answer is None else CallbackResult(**answer.summary())
 
 
-@bentoml.service(name="aicsd_pipeline", traffic={"timeout": 300}, workers=1, threads=4)
+SERVICE_NAME = "aicsd_pipeline"
+
+
+def _runtime_config() -> dict[str, Any]:
+    """This service's section of bentoml.yaml (or of the file AICSD_SERVICE_CONFIG names)."""
+    path = Path(os.environ.get("AICSD_SERVICE_CONFIG") or Path(__file__).with_name("bentoml.yaml"))
+    if not path.is_file():
+        return {}
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    section = (data.get("services") or {}).get(SERVICE_NAME) or {}
+    if not isinstance(section, dict):
+        raise ValueError(f"{path}: services.{SERVICE_NAME} must be a mapping")
+    return section
+
+
+@bentoml.service(name=SERVICE_NAME, **_runtime_config())
 class AicsdPipeline:
     """Runs AiCSD jobs through OpenVINO pipelines from the model repository."""
 
