@@ -18,7 +18,7 @@ GATEWAY_FILES ?= $(HOME)/data/gateway-files
 export BENTOML_DO_NOT_TRACK := True
 
 .DEFAULT_GOAL := help
-.PHONY: help setup models serve test demo clean build docker-build-bento docker-build run down \
+.PHONY: help setup models serve test demo bench clean build docker-build-bento docker-build run down \
         docker-down-bento docker-build-mqtt-client run-mqtt-client docker-down-mqtt-client
 
 # The reference's usage message when BENTO_TAG is missing; $(1) is the make command to show.
@@ -60,6 +60,9 @@ demo: setup ## Run broker, service, bridge and an AiCSD stand-in on sample image
 
 test: setup ## Run the test suite
 	$(PY) -m pytest
+
+bench: setup ## Measure the whole chain against benchmark_app (about 2 min; BENCH_ARGS=--soak for 10,000 jobs)
+	$(PY) -m bench $(BENCH_ARGS)
 
 build: models ## Build the bento (bentoml build) and print its tag
 	@$(BENTOML) build -o tag > .bento-build.log 2>&1 || { cat .bento-build.log >&2; exit 1; }

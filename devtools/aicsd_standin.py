@@ -139,6 +139,7 @@ class AicsdStandIn:
         self.host = host
         self._jobs: dict[str, JobState] = {}
         self._requests: list[Recorded] = []
+        self._by_job: dict[str, list[Recorded]] = {}
         self._faults: dict[tuple[str, str], _Fault] = {}
         self._changed = threading.Condition()
         self._server: ThreadingHTTPServer | None = None
@@ -203,7 +204,7 @@ class AicsdStandIn:
 
     def requests_for(self, job_id: str) -> list[Recorded]:
         with self._changed:
-            return [r for r in self._requests if r.job_id == job_id]
+            return list(self._by_job.get(job_id, ()))
 
     def all_requests(self) -> list[Recorded]:
         with self._changed:
@@ -223,7 +224,7 @@ class AicsdStandIn:
                     return replace(state)
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    seen = [(r.method, r.status_code) for r in self._requests if r.job_id == job_id]
+                    seen = [(r.method, r.status_code) for r in self._by_job.get(job_id, ())]
                     raise TimeoutError(f"no accepted status for job {job_id} after {timeout}s; requests: {seen}")
                 self._changed.wait(left)
 
@@ -254,10 +255,10 @@ class AicsdStandIn:
         """Answer one request; returns (status code, answer text, job id) and records it."""
         with self._changed:
             code, answer, job_id, parsed = self._answer(method, path, headers, body)
-            self._requests.append(
-                Recorded(len(self._requests) + 1, method, path, job_id, headers, body or b"", parsed, code, answer,
-                         time.monotonic())
-            )
+            record = Recorded(len(self._requests) + 1, method, path, job_id, headers, body or b"", parsed, code, answer,
+                              time.monotonic())
+            self._requests.append(record)
+            self._by_job.setdefault(job_id, []).append(record)
             self._changed.notify_all()
         log.info("%s %s -> %d %s", method, path, code, answer)
         return code, answer, job_id

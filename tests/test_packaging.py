@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 GUIDE_TARGETS = [
     "build", "serve", "docker-build-bento", "docker-build-mqtt-client", "docker-build", "run",
     "run-mqtt-client", "docker-down-bento", "docker-down-mqtt-client", "down",
-    "setup", "models", "demo", "test", "clean", "help",
+    "setup", "models", "demo", "test", "bench", "clean", "help",
 ]
 
 

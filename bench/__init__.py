@@ -1,0 +1,1 @@
+"""`make bench`: the whole chain measured against OpenVINO's own limit (benchmark_app)."""

@@ -1,0 +1,375 @@
+"""`make bench`: the whole chain, measured against OpenVINO's own limit on the same model.
+
+    python -m bench [--quick] [--soak] [--out bench-results]
+
+Starts everything itself on loopback (Mosquitto, the service under `bentoml serve`, the bridge,
+the AiCSD stand-in as callback sink), and reports side by side: `benchmark_app` on the same IR
+(the limit), the pipeline alone, the service alone over HTTP at concurrency 1, 2, 4 and 8 with
+callbacks, and end to end from MQTT publish to AiCSD's status callback, at saturation and at
+half of it; plus the counting pipeline on 2048x2048 16-bit TIFFs, start-up time with a warm
+compiled-model cache and resident memory. Prints a table, writes bench.json and bench.png.
+`--quick` is a seconds-long smoke run; `--soak` adds 10,000 jobs to show memory stays flat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import numpy as np
+import tifffile
+from PIL import Image
+
+from devtools.aicsd_standin import AicsdStandIn
+from devtools.servers import REPO, Bridge, Broker, broker_kind, serve_bento, stop_process
+
+from .measure import Figure, closed_loop, cores, cpu_model, rss_mib, summarise
+
+log = logging.getLogger("bench")
+MODEL_XML = REPO / "models" / "efficientnet-lite0" / "1" / "model.xml"
+TOPIC = "mqtt-export/pipeline/params"
+
+
+# --- inputs ------------------------------------------------------------------------------------
+
+def make_inputs(folder: Path) -> dict[str, list[Path]]:
+    """512x512 JPEGs and 1024x1024 16-bit TIFFs from real photos; 2048x2048 16-bit counting images."""
+    from skimage import data
+
+    from devtools.synthetic_blobs import make_image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    photos = [data.chelsea(), data.coffee(), data.astronaut(), data.rocket()]
+    inputs: dict[str, list[Path]] = {"jpeg512": [], "tiff1024": [], "count2048": []}
+    for i, photo in enumerate(photos):
+        image = Image.fromarray(photo)
+        for flip in (False, True):
+            variant = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else image
+            path = folder / f"photo{i}{'f' if flip else ''}.jpg"
+            variant.resize((512, 512)).save(path, quality=90)
+            inputs["jpeg512"].append(path)
+        path = folder / f"photo{i}-16bit.tiff"
+        big = np.asarray(image.resize((1024, 1024))).astype(np.uint16) * 200 + 1000
+        tifffile.imwrite(path, big, photometric="rgb")
+        inputs["tiff1024"].append(path)
+    for seed in (1, 2):
+        path = folder / f"cells{seed}-2048.tiff"
+        tifffile.imwrite(path, make_image(seed, size=2048, count=1500, touching_pairs=100, bits=16).pixels)
+        inputs["count2048"].append(path)
+    return inputs
+
+
+# --- stages ------------------------------------------------------------------------------------
+
+def benchmark_app(hint: str, seconds: int, workdir: Path) -> Figure:
+    """OpenVINO's own benchmark_app on the same IR: the limit everything else is compared to."""
+    report = workdir / f"benchmark_app-{hint}"
+    report.mkdir(parents=True, exist_ok=True)
+    command = [str(Path(sys.executable).parent / "benchmark_app"), "-m", str(MODEL_XML), "-d", "CPU",
+               "-hint", hint, "-t", str(seconds), "-report_type", "no_counters", "-report_folder", str(report)]
+    # HOME without a consent file and no terminal: OpenVINO's telemetry stays off.
+    env = {**os.environ, "HOME": str(workdir / "no-home")}
+    subprocess.run(command, check=True, capture_output=True, env=env, stdin=subprocess.DEVNULL, timeout=seconds + 120)
+    values = {}
+    for line in (report / "benchmark_report.csv").read_text().splitlines():
+        key, _, value = line.partition(";")
+        values[key.strip()] = value.strip()
+    return Figure("benchmark_app", f"-hint {hint}", float(values["throughput"]), float(values["latency (ms)"]),
+                  count=int(values["total number of iterations"]))
+
+
+def pipeline_alone(inputs: dict[str, list[Path]], seconds: float, concurrency: int) -> list[Figure]:
+    """The pipeline in this process, no HTTP: decode, preprocessing, inference, result."""
+    from pipeline.job import ModelParams
+    from pipeline.model_repository import ModelRepository
+    from pipeline.runner import PipelineRunner
+    from pipeline.settings import Settings
+
+    settings = Settings.from_env({"PIPELINE_MODELS_DIR": str(REPO / "models"), "PIPELINE_CACHE_DIR": ""})
+    runner = PipelineRunner(settings, ModelRepository(settings.models_dir, cache_dir=None))
+    runner.pipeline("efficientnet-lite0").warm_up()
+    figures = []
+    for kind in ("jpeg512", "tiff1024"):
+        files = inputs[kind]
+
+        def job(n: int, files: list[Path] = files) -> None:
+            outcome = runner.run_local(files[n % len(files)], files[0].parent, ModelParams({}))
+            assert outcome.status == "PipelineComplete", outcome.results
+
+        latencies, elapsed = closed_loop(job, concurrency, seconds)
+        figures.append(summarise("pipeline alone", f"{kind}, {concurrency} threads", latencies, elapsed))
+    return figures
+
+
+def counting_stages(inputs: dict[str, list[Path]], out: Path, repeats: int) -> list[Figure]:
+    """A 2048x2048 16-bit image through the counting pipeline: reading, the model, the whole job."""
+    from pipeline.base import JobLog, PipelineTask
+    from pipeline.counting import CountingParams, CountingPipeline, _gray, page_quality
+    from pipeline.images import read_pages
+    from pipeline.job import ModelParams
+    from pipeline.model_repository import ModelRepository
+
+    model = ModelRepository(REPO / "models", cache_dir=None).get("cell-counter")
+    counter = CountingPipeline(model, max_pixels=100_000_000)
+    counter.warm_up()
+    params = CountingParams.from_params(ModelParams({}), model.info)
+    out.mkdir(parents=True, exist_ok=True)
+    read, infer, whole = [], [], []
+    for n in range(repeats):
+        path = inputs["count2048"][n % len(inputs["count2048"])]
+        start = time.perf_counter()
+        page = read_pages(path, max_pixels=100_000_000)[0]
+        read.append(time.perf_counter() - start)
+        gray = _gray(page)
+        quality = page_quality(page, gray)
+        start = time.perf_counter()
+        counter.detect(page, gray, quality, params, 1)
+        infer.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        counter.run(PipelineTask(path, out, ModelParams({}), JobLog(log, "bench", str(n))))
+        whole.append(time.perf_counter() - start)
+    return [
+        summarise("counting 2048x2048 16-bit", "read TIFF", read, sum(read)),
+        summarise("counting 2048x2048 16-bit", "model + peaks", infer, sum(infer)),
+        summarise("counting 2048x2048 16-bit", "whole job (both files)", whole, sum(whole)),
+    ]
+
+
+def job_body(aicsd: AicsdStandIn, image: Path, output: Path, model: str = "efficientnet-lite0") -> tuple[str, dict]:
+    job = aicsd.new_job()
+    return job.job_id, {
+        "InputFileLocation": str(image), "OutputFileFolder": str(output), "ModelParams": {"Model": model},
+        "JobUpdateUrl": job.job_update_url, "PipelineStatusUrl": job.pipeline_status_url,
+    }
+
+
+def service_alone(url: str, aicsd: AicsdStandIn, inputs: dict[str, list[Path]], output: Path, seconds: float,
+                  levels: tuple[int, ...]) -> list[Figure]:
+    """POST /classify over HTTP at several concurrencies; each job includes both AiCSD callbacks."""
+    figures = []
+    with httpx.Client(timeout=120, trust_env=False, limits=httpx.Limits(max_connections=16)) as client:
+        for kind in ("jpeg512", "tiff1024"):
+            for concurrency in levels if kind == "jpeg512" else levels[-2:-1]:
+                files = inputs[kind]
+
+                def job(n: int, files: list[Path] = files) -> None:
+                    _, body = job_body(aicsd, files[n % len(files)], output)
+                    response = client.post(f"{url}/classify", json=body)
+                    assert response.status_code == 200 and response.json()["Status"] == "PipelineComplete", response.text
+
+                latencies, elapsed = closed_loop(job, concurrency, seconds)
+                figures.append(summarise("service alone (HTTP)", f"{kind}, concurrency {concurrency}", latencies,
+                                         elapsed))
+    return figures
+
+
+class Publisher:
+    """One MQTT client publishing at QoS 1 with Nagle off, recording when each job was published."""
+
+    def __init__(self, port: int) -> None:
+        import socket
+
+        import paho.mqtt.client as mqtt
+
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-{uuid.uuid4().hex[:8]}")
+        connected = threading.Event()
+
+        def on_connect(client, userdata, flags, reason, properties):  # type: ignore[no-untyped-def]
+            client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            connected.set()
+
+        self.client.on_connect = on_connect
+        self.client.max_queued_messages_set(0)
+        self.client.max_inflight_messages_set(1000)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        connected.wait(10)
+        self.published: dict[str, float] = {}
+        self.infos = []
+
+    def publish(self, job_id: str, body: dict) -> None:
+        self.published[job_id] = time.monotonic()
+        self.infos.append(self.client.publish(TOPIC, json.dumps(body), qos=1))
+
+    def close(self) -> None:
+        for info in self.infos:
+            info.wait_for_publish(30)
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def end_to_end(broker_port: int, aicsd: AicsdStandIn, inputs: dict[str, list[Path]], output: Path,
+               jobs: int, rate: float | None, label: str) -> Figure:
+    """Jobs published to the broker (all at once, or at `rate` per second) until AiCSD got the status."""
+    publisher = Publisher(broker_port)
+    ids = []
+    start = time.monotonic()
+    for n in range(jobs):
+        if rate:
+            delay = start + n / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        job_id, body = job_body(aicsd, inputs["jpeg512"][n % len(inputs["jpeg512"])], output)
+        ids.append(job_id)
+        publisher.publish(job_id, body)
+    publisher.close()
+    done_at = []
+    for job_id in ids:
+        aicsd.wait_for_status(job_id, timeout=600)
+        status = [r for r in aicsd.requests_for(job_id) if r.method == "POST" and r.status_code == 200]
+        done_at.append(status[-1].at)
+    latencies = [done - publisher.published[job_id] for job_id, done in zip(ids, done_at)]
+    elapsed = max(done_at) - min(publisher.published.values())
+    return summarise("end to end (MQTT -> status)", label, latencies, elapsed)
+
+
+# --- report ------------------------------------------------------------------------------------
+
+def table(figures: list[Figure], limit: float) -> str:
+    lines = [f"{'stage':<30} {'setting':<34} {'per s':>9} {'ratio':>6} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}"]
+    for f in figures:
+        def ms(v: float | None) -> str:
+            return "" if v is None or v != v else f"{v:.1f}"
+        ratio = f"{f.per_second / limit:.2f}" if limit and f.stage != "counting 2048x2048 16-bit" else ""
+        lines.append(f"{f.stage:<30} {f.setting:<34} {f.per_second:>9.1f} {ratio:>6} {ms(f.p50_ms):>8} "
+                     f"{ms(f.p95_ms):>8} {ms(f.p99_ms):>8}")
+    return "\n".join(lines)
+
+
+def chart(figures: list[Figure], limit: float, path: Path) -> None:
+    """Throughput per stage against the benchmark_app line, and latency distributions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    throughput = [f for f in figures if f.stage != "counting 2048x2048 16-bit"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(15, 6.5), gridspec_kw={"width_ratios": [3, 2]})
+    labels = [f"{f.stage}\n{f.setting}" for f in throughput]
+    left.barh(range(len(throughput)), [f.per_second for f in throughput], color="#3b7dd8")
+    left.axvline(limit, color="#d83b3b", linestyle="--", label=f"benchmark_app throughput {limit:.0f}/s")
+    left.set_yticks(range(len(throughput)), labels, fontsize=7)
+    left.invert_yaxis()
+    left.set_xlabel("images or jobs per second")
+    left.set_title("Throughput per stage")
+    left.legend(loc="lower right")
+    shown = [f for f in figures if f.samples and (f.stage.startswith("end to end") or "concurrency 4" in f.setting)]
+    top = max((np.percentile(np.array(f.samples) * 1000, 99) for f in shown), default=1.0)
+    for f in shown:
+        right.hist(np.array(f.samples) * 1000, bins=50, range=(0, top), alpha=0.55, label=f"{f.stage}: {f.setting}")
+    right.set_xlabel("latency (ms)")
+    right.set_ylabel("jobs")
+    right.set_title("Latency distribution")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
+    parser.add_argument("--soak", action="store_true", help="also run 10,000 jobs end to end and report memory")
+    parser.add_argument("--out", type=Path, default=REPO / "bench-results")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    quick = args.quick
+    stage_s = 1.0 if quick else 8.0
+    out = args.out.resolve()
+    shutil.rmtree(out / "work", ignore_errors=True)
+    work = out / "work"
+    files = work / "files"
+    (files / "output").mkdir(parents=True)
+    inputs = make_inputs(files / "input")
+    threads = 4  # bentoml.yaml: the service's threads
+    figures: list[Figure] = []
+    log.info("benchmark_app on %s", MODEL_XML)
+    ba_throughput = benchmark_app("throughput", 2 if quick else 15, work)
+    ba_latency = benchmark_app("latency", 2 if quick else 15, work)
+    figures += [ba_throughput, ba_latency]
+    log.info("pipeline alone")
+    figures += pipeline_alone(inputs, stage_s, threads)
+    figures += counting_stages(inputs, files / "output", 1 if quick else 4)
+
+    started: list = []
+    memory: dict[str, float] = {}
+    try:
+        with AicsdStandIn() as aicsd:
+            env = {"PIPELINE_FILE_ROOTS": str(files), "PIPELINE_CALLBACK_HOSTS": "127.0.0.1",
+                   "PIPELINE_MODELS_DIR": str(REPO / "models"), "PIPELINE_CACHE_DIR": str(work / "ov-cache"),
+                   "PIPELINE_LOG_LEVEL": "WARNING"}
+            service = serve_bento("service:AicsdPipeline", env=env, cwd=REPO, log_path=work / "service.log")
+            stop_process(service.process)
+            start = time.monotonic()
+            service = serve_bento("service:AicsdPipeline", env=env, cwd=REPO, log_path=work / "service.log")
+            startup_s = time.monotonic() - start
+            started.append(service)
+            log.info("service alone")
+            figures += service_alone(service.url, aicsd, inputs, files / "output", stage_s, (1, 2, 4, 8))
+            broker = Broker(work / "broker", kind=broker_kind()).start()
+            started.append(broker)
+            bridge = Bridge(work / "bridge", f"{service.url}/classify", broker.port, client_id="bench-bridge",
+                            extra={"bridge": {"concurrency": threads, "status_interval": 30}}).start()
+            started.append(bridge)
+            log.info("end to end")
+            saturation = end_to_end(broker.port, aicsd, inputs, files / "output", 20 if quick else 1500, None,
+                                    "saturation (all published at once)")
+            half = max(1.0, saturation.per_second / 2)
+            steady = end_to_end(broker.port, aicsd, inputs, files / "output",
+                                max(10, int(half * (2 if quick else 15))), half, f"half load ({half:.0f} jobs/s)")
+            figures += [saturation, steady]
+            memory["service MiB"] = rss_mib(service.process.pid)
+            memory["bridge MiB"] = rss_mib(bridge.process.pid)
+            if args.soak:
+                log.info("soak: 10,000 jobs")
+                figures.append(end_to_end(broker.port, aicsd, inputs, files / "output", 10_000, None, "soak 10,000"))
+                memory["service MiB after soak"] = rss_mib(service.process.pid)
+                memory["bridge MiB after soak"] = rss_mib(bridge.process.pid)
+    finally:
+        for server in reversed(started):
+            if isinstance(server, (Bridge, Broker)):
+                server.stop()
+            else:
+                stop_process(server.process)
+
+    limit = ba_throughput.per_second
+    best_service = max((f.per_second for f in figures if f.stage == "service alone (HTTP)" and "jpeg512" in f.setting),
+                       default=0.0)
+    targets = {
+        "service alone / benchmark_app (target >= 0.7)": best_service / limit,
+        "end to end saturation / benchmark_app (target >= 0.5)": saturation.per_second / limit,
+        "end to end p50 at half load ms (target < 2 x latency median + 15)": steady.p50_ms,
+        "target for that p50 ms": 2 * (ba_latency.p50_ms or 0) + 15,
+        "start-up to /readyz with warm cache s (target < 10)": startup_s,
+    }
+    report = {
+        "machine": {"cpu": cpu_model(), "cores": cores(), "python": platform.python_version()},
+        "quick": quick,
+        "figures": [f.asdict() for f in figures],
+        "targets": targets,
+        "memory": memory,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(report, indent=2))
+    chart(figures, limit, out / "bench.png")
+    text = table(figures, limit)
+    print(f"\n{cpu_model()}, {cores()} cores\n\n{text}\n")
+    for name, value in {**targets, **memory}.items():
+        print(f"  {name}: {value:.2f}")
+    print(f"\nwrote {out / 'bench.json'} and {out / 'bench.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

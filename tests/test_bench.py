@@ -1,0 +1,31 @@
+"""A tiny run of `make bench`, so the benchmark cannot silently rot (no figure is asserted on)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.integration
+
+
+def test_quick_benchmark_writes_its_table_json_and_chart_and_stops_everything(built_models, tmp_path):
+    out = tmp_path / "bench"
+    result = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out)], cwd=REPO,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((out / "bench.json").read_text())
+    stages = {f["stage"] for f in report["figures"]}
+    assert {"benchmark_app", "pipeline alone", "service alone (HTTP)", "end to end (MQTT -> status)",
+            "counting 2048x2048 16-bit"} <= stages
+    assert report["machine"]["cores"] >= 1 and report["memory"]["service MiB"] > 0
+    assert all(f["count"] > 0 for f in report["figures"])
+    assert (out / "bench.png").stat().st_size > 10_000
+    assert "ratio" in result.stdout and "benchmark_app" in result.stdout
+    left = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True)
+    assert left.stdout == "", f"processes left running: {left.stdout}"
