@@ -31,7 +31,6 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from devtools.aicsd_standin import AicsdStandIn
 from devtools.servers import REPO, Bridge, Broker, broker_kind, serve_bento, stop_process
 
 from .measure import Figure, closed_loop, cores, cpu_model, rss_mib, summarise
@@ -146,15 +145,48 @@ def counting_stages(inputs: dict[str, list[Path]], out: Path, repeats: int) -> l
     ]
 
 
-def job_body(aicsd: AicsdStandIn, image: Path, output: Path, model: str = "efficientnet-lite0") -> tuple[str, dict]:
-    job = aicsd.new_job()
-    return job.job_id, {
-        "InputFileLocation": str(image), "OutputFileFolder": str(output), "ModelParams": {"Model": model},
-        "JobUpdateUrl": job.job_update_url, "PipelineStatusUrl": job.pipeline_status_url,
-    }
+class Sink:
+    """The AiCSD stand-in in a process of its own, so the callbacks do not compete with the load
+    generator for this process's interpreter; jobs register themselves on their first update."""
+
+    def __init__(self, log_path: Path) -> None:
+        from devtools.servers import free_port, wait_for_port
+
+        self.port = free_port()
+        with log_path.open("wb") as log_file:
+            self.process = subprocess.Popen([sys.executable, "-m", "devtools.aicsd_standin", "--port", str(self.port)],
+                                            cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+        wait_for_port(self.port)
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.http = httpx.Client(timeout=30, trust_env=False)
+
+    def job(self, image: Path, output: Path, model: str = "efficientnet-lite0") -> tuple[str, dict]:
+        job_id, task_id = uuid.uuid4().hex, uuid.uuid4().hex
+        return job_id, {
+            "InputFileLocation": str(image), "OutputFileFolder": str(output), "ModelParams": {"Model": model},
+            "JobUpdateUrl": f"{self.base_url}/api/v1/job/pipeline/{job_id}/{task_id}",
+            "PipelineStatusUrl": f"{self.base_url}/api/v1/pipelineStatus/{job_id}/{task_id}",
+        }
+
+    def wait_ended(self, ids: list[str], timeout: float) -> dict[str, float]:
+        """When AiCSD accepted each job's status (wall-clock), once all have."""
+        deadline = time.monotonic() + timeout
+        while True:
+            ended = self.http.get(f"{self.base_url}/_ended").json()
+            if all(job_id in ended for job_id in ids):
+                return {job_id: ended[job_id] for job_id in ids}
+            if time.monotonic() > deadline:
+                missing = sum(job_id not in ended for job_id in ids)
+                raise TimeoutError(f"{missing} of {len(ids)} jobs without a status after {timeout}s")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        self.http.close()
+        stop_process(self.process)
 
 
-def service_alone(url: str, aicsd: AicsdStandIn, inputs: dict[str, list[Path]], output: Path, seconds: float,
+def service_alone(url: str, sink: Sink, inputs: dict[str, list[Path]], output: Path, seconds: float,
                   levels: tuple[int, ...]) -> list[Figure]:
     """POST /classify over HTTP at several concurrencies; each job includes both AiCSD callbacks."""
     figures = []
@@ -164,7 +196,7 @@ def service_alone(url: str, aicsd: AicsdStandIn, inputs: dict[str, list[Path]], 
                 files = inputs[kind]
 
                 def job(n: int, files: list[Path] = files) -> None:
-                    _, body = job_body(aicsd, files[n % len(files)], output)
+                    _, body = sink.job(files[n % len(files)], output)
                     response = client.post(f"{url}/classify", json=body)
                     assert response.status_code == 200 and response.json()["Status"] == "PipelineComplete", response.text
 
@@ -199,7 +231,7 @@ class Publisher:
         self.infos = []
 
     def publish(self, job_id: str, body: dict) -> None:
-        self.published[job_id] = time.monotonic()
+        self.published[job_id] = time.time()
         self.infos.append(self.client.publish(TOPIC, json.dumps(body), qos=1))
 
     def close(self) -> None:
@@ -209,7 +241,7 @@ class Publisher:
         self.client.loop_stop()
 
 
-def end_to_end(broker_port: int, aicsd: AicsdStandIn, inputs: dict[str, list[Path]], output: Path,
+def end_to_end(broker_port: int, sink: Sink, inputs: dict[str, list[Path]], output: Path,
                jobs: int, rate: float | None, label: str) -> Figure:
     """Jobs published to the broker (all at once, or at `rate` per second) until AiCSD got the status."""
     publisher = Publisher(broker_port)
@@ -220,17 +252,13 @@ def end_to_end(broker_port: int, aicsd: AicsdStandIn, inputs: dict[str, list[Pat
             delay = start + n / rate - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
-        job_id, body = job_body(aicsd, inputs["jpeg512"][n % len(inputs["jpeg512"])], output)
+        job_id, body = sink.job(inputs["jpeg512"][n % len(inputs["jpeg512"])], output)
         ids.append(job_id)
         publisher.publish(job_id, body)
     publisher.close()
-    done_at = []
-    for job_id in ids:
-        aicsd.wait_for_status(job_id, timeout=600)
-        status = [r for r in aicsd.requests_for(job_id) if r.method == "POST" and r.status_code == 200]
-        done_at.append(status[-1].at)
-    latencies = [done - publisher.published[job_id] for job_id, done in zip(ids, done_at)]
-    elapsed = max(done_at) - min(publisher.published.values())
+    ended = sink.wait_ended(ids, timeout=600)
+    latencies = [ended[job_id] - publisher.published[job_id] for job_id in ids]
+    elapsed = max(ended.values()) - min(publisher.published.values())
     return summarise("end to end (MQTT -> status)", label, latencies, elapsed)
 
 
@@ -305,40 +333,41 @@ def main(argv: list[str] | None = None) -> int:
     started: list = []
     memory: dict[str, float] = {}
     try:
-        with AicsdStandIn() as aicsd:
-            env = {"PIPELINE_FILE_ROOTS": str(files), "PIPELINE_CALLBACK_HOSTS": "127.0.0.1",
-                   "PIPELINE_MODELS_DIR": str(REPO / "models"), "PIPELINE_CACHE_DIR": str(work / "ov-cache"),
-                   "PIPELINE_LOG_LEVEL": "WARNING"}
-            service = serve_bento("service:AicsdPipeline", env=env, cwd=REPO, log_path=work / "service.log")
-            stop_process(service.process)
-            start = time.monotonic()
-            service = serve_bento("service:AicsdPipeline", env=env, cwd=REPO, log_path=work / "service.log")
-            startup_s = time.monotonic() - start
-            started.append(service)
-            log.info("service alone")
-            figures += service_alone(service.url, aicsd, inputs, files / "output", stage_s, (1, 2, 4, 8))
-            broker = Broker(work / "broker", kind=broker_kind()).start()
-            started.append(broker)
-            bridge = Bridge(work / "bridge", f"{service.url}/classify", broker.port, client_id="bench-bridge",
-                            extra={"bridge": {"concurrency": threads, "status_interval": 30}}).start()
-            started.append(bridge)
-            log.info("end to end")
-            saturation = end_to_end(broker.port, aicsd, inputs, files / "output", 20 if quick else 1500, None,
-                                    "saturation (all published at once)")
-            half = max(1.0, saturation.per_second / 2)
-            steady = end_to_end(broker.port, aicsd, inputs, files / "output",
-                                max(10, int(half * (2 if quick else 15))), half, f"half load ({half:.0f} jobs/s)")
-            figures += [saturation, steady]
-            memory["service MiB"] = rss_mib(service.process.pid)
-            memory["bridge MiB"] = rss_mib(bridge.process.pid)
-            if args.soak:
-                log.info("soak: 10,000 jobs")
-                figures.append(end_to_end(broker.port, aicsd, inputs, files / "output", 10_000, None, "soak 10,000"))
-                memory["service MiB after soak"] = rss_mib(service.process.pid)
-                memory["bridge MiB after soak"] = rss_mib(bridge.process.pid)
+        sink = Sink(work / "sink.log")
+        started.append(sink)
+        env = {"PIPELINE_FILE_ROOTS": str(files), "PIPELINE_CALLBACK_HOSTS": "127.0.0.1",
+               "PIPELINE_MODELS_DIR": str(REPO / "models"), "PIPELINE_CACHE_DIR": str(work / "ov-cache"),
+               "PIPELINE_LOG_LEVEL": "WARNING"}
+        service = serve_bento("service:AicsdPipeline", env=env, cwd=REPO, log_path=work / "service.log")
+        stop_process(service.process)
+        start = time.monotonic()
+        service = serve_bento("service:AicsdPipeline", env=env, cwd=REPO, log_path=work / "service.log")
+        startup_s = time.monotonic() - start
+        started.append(service)
+        log.info("service alone")
+        figures += service_alone(service.url, sink, inputs, files / "output", stage_s, (1, 2, 4, 8))
+        broker = Broker(work / "broker", kind=broker_kind()).start()
+        started.append(broker)
+        bridge = Bridge(work / "bridge", f"{service.url}/classify", broker.port, client_id="bench-bridge",
+                        extra={"bridge": {"concurrency": threads, "status_interval": 30}}).start()
+        started.append(bridge)
+        log.info("end to end")
+        saturation = end_to_end(broker.port, sink, inputs, files / "output", 20 if quick else 1500, None,
+                                "saturation (all published at once)")
+        half = max(1.0, saturation.per_second / 2)
+        steady = end_to_end(broker.port, sink, inputs, files / "output",
+                            max(10, int(half * (2 if quick else 15))), half, f"half load ({half:.0f} jobs/s)")
+        figures += [saturation, steady]
+        memory["service MiB"] = rss_mib(service.process.pid)
+        memory["bridge MiB"] = rss_mib(bridge.process.pid)
+        if args.soak:
+            log.info("soak: 10,000 jobs")
+            figures.append(end_to_end(broker.port, sink, inputs, files / "output", 10_000, None, "soak 10,000"))
+            memory["service MiB after soak"] = rss_mib(service.process.pid)
+            memory["bridge MiB after soak"] = rss_mib(bridge.process.pid)
     finally:
         for server in reversed(started):
-            if isinstance(server, (Bridge, Broker)):
+            if isinstance(server, (Bridge, Broker, Sink)):
                 server.stop()
             else:
                 stop_process(server.process)

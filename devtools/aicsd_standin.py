@@ -77,6 +77,7 @@ class JobState:
     missing_files: list[str] = field(default_factory=list)
     published_results: list[str] = field(default_factory=list)
     ended: str | None = None
+    ended_at: float | None = None  # wall-clock time of the accepted status
 
 
 @dataclass
@@ -133,10 +134,12 @@ def parse_job_update(raw: bytes) -> dict[str, Any]:
 class AicsdStandIn:
     """Job repository + task launcher in one loopback HTTP server, started as a context manager."""
 
-    def __init__(self, host: str = "127.0.0.1") -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, auto_register: bool = False) -> None:
         if not host.startswith("127."):
             raise ValueError("the stand-in binds to loopback addresses only")
         self.host = host
+        self.port = port
+        self.auto_register = auto_register  # a job update for an unknown job registers it (load tests)
         self._jobs: dict[str, JobState] = {}
         self._requests: list[Recorded] = []
         self._by_job: dict[str, list[Recorded]] = {}
@@ -160,7 +163,7 @@ class AicsdStandIn:
         class Handler(_Handler):
             owner = standin
 
-        self._server = ThreadingHTTPServer((self.host, 0), Handler)
+        self._server = ThreadingHTTPServer((self.host, self.port), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), name="aicsd-standin", daemon=True)
         self._thread.start()
@@ -266,6 +269,9 @@ class AicsdStandIn:
     def _answer(
         self, method: str, path: str, headers: dict[str, str], body: bytes | None
     ) -> tuple[int, str, str, Any]:
+        if method == "GET" and path == "/_ended":
+            ended = {j: state.ended_at for j, state in self._jobs.items() if state.ended_at is not None}
+            return 200, json.dumps(ended), "", None
         route = _PUT_PATH.match(path) if method == "PUT" else _POST_PATH.match(path) if method == "POST" else None
         if route is None:
             return 404, "not found", "", None
@@ -283,6 +289,8 @@ class AicsdStandIn:
         if body is None:
             return 400, "request body has no Content-Length", job_id, parsed
         state = self._jobs.get(job_id)
+        if state is None and self.auto_register and method == "PUT":
+            state = self._jobs[job_id] = JobState(job_id, task_id)
         if state is None:
             return 400, f"job {job_id} not found", job_id, parsed
         if state.task_id != task_id:
@@ -324,6 +332,7 @@ class AicsdStandIn:
             state.ended = "error"
         else:
             state.ended = "complete" if canonical == "PipelineComplete" else "failed"
+        state.ended_at = time.time()
         return 200, ""
 
 
@@ -370,3 +379,25 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - signature of the base class
         log.debug(format, *args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the stand-in on its own (as a callback sink for load tests): jobs register themselves."""
+    import argparse
+    import signal
+
+    parser = argparse.ArgumentParser(prog="python -m devtools.aicsd_standin", description=main.__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args(argv)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    with AicsdStandIn(args.host, args.port, auto_register=True) as standin:
+        print(standin.base_url, flush=True)
+        stop.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -155,3 +155,13 @@ def test_stand_in_refuses_to_bind_outside_loopback():
 def test_parser_reports_the_offending_field():
     with pytest.raises(ContractError, match="OutputFiles"):
         parse_job_update(b'{"OutputFiles": "x"}')
+
+
+def test_sink_mode_registers_jobs_on_their_first_update_and_lists_when_they_ended(http):
+    with AicsdStandIn(auto_register=True) as sink:
+        url = f"{sink.base_url}/api/v1/job/pipeline/j1/t1"
+        assert http.put(url, json=GOOD).status_code == 200
+        assert post_status(http, f"{sink.base_url}/api/v1/pipelineStatus/j1/t1", "PipelineComplete").status_code == 200
+        assert post_status(http, f"{sink.base_url}/api/v1/pipelineStatus/j2/t2", "PipelineComplete").status_code == 400
+        ended = http.get(f"{sink.base_url}/_ended").json()
+        assert list(ended) == ["j1"] and ended["j1"] > 0
