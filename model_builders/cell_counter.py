@@ -11,18 +11,16 @@ into blob centres and diameters (diameter = 2 * sqrt(2) * sigma).
 
 from __future__ import annotations
 
-import logging
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import openvino as ov
 import openvino.opset13 as ops
 
-__all__ = ["SIGMAS", "build_cell_counter", "dog_sigmas", "min_image_side", "write_cell_counter"]
+from .ir_files import set_model_info, write_ir
 
-log = logging.getLogger(__name__)
+__all__ = ["SIGMAS", "build_cell_counter", "dog_sigmas", "min_image_side", "write_cell_counter"]
 
 SCALE_STEP = math.sqrt(2.0)
 SIGMAS = tuple(SCALE_STEP**i for i in range(10))  # 1 .. 22.6 px
@@ -101,22 +99,9 @@ def build_cell_counter() -> ov.Model:
         "inference_precision": "f32",
         "performance_hint": "LATENCY",
     }
-    for key, value in info.items():
-        model.set_rt_info(value, ["model_info", key])
-    return model
+    return set_model_info(model, info)
 
 
 def write_cell_counter(out_dir: Path) -> Path:
     """Write `out_dir/model.xml` (+ .bin) unless it is newer than this module; the model file."""
-    target = out_dir / "model.xml"
-    if target.is_file() and target.with_suffix(".bin").is_file():
-        if target.stat().st_mtime >= Path(__file__).stat().st_mtime:
-            log.info("%s is up to date", target)
-            return target
-    out_dir.mkdir(parents=True, exist_ok=True)
-    partial = out_dir / f".model-{os.getpid()}.xml"
-    ov.save_model(build_cell_counter(), partial, compress_to_fp16=False)
-    os.replace(partial.with_suffix(".bin"), target.with_suffix(".bin"))
-    os.replace(partial, target)
-    log.info("wrote %s", target)
-    return target
+    return write_ir(build_cell_counter, out_dir, [Path(__file__), Path(__file__).with_name("ir_files.py")])

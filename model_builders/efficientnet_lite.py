@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 import openvino as ov
 import openvino.opset13 as ops
 
+from .ir_files import set_model_info, write_ir
 from .torch_legacy import load_legacy_state_dict
 
 __all__ = ["build_efficientnet_lite0", "imagenet_labels", "weights_path", "write_efficientnet_lite0"]
@@ -113,25 +113,12 @@ def build_efficientnet_lite0(state: dict[str, np.ndarray], labels: list[str]) ->
         "crop_fraction": "0.875",
         "output_is_probabilities": "False",
     }
-    for key, value in info.items():
-        model.set_rt_info(value, ["model_info", key])
-    return model
+    return set_model_info(model, info)
 
 
 def write_efficientnet_lite0(out_dir: Path) -> Path:
     """Write `out_dir/model.xml` (+ .bin) unless it is newer than its inputs; the model file."""
-    target = out_dir / "model.xml"
-    sources = [weights_path(), Path(__file__), LABELS_FILE, Path(__file__).with_name("torch_legacy.py")]
-    if target.is_file() and target.with_suffix(".bin").is_file():
-        if target.stat().st_mtime >= max(s.stat().st_mtime for s in sources):
-            log.info("%s is up to date", target)
-            return target
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model = build_efficientnet_lite0(load_legacy_state_dict(weights_path()), imagenet_labels())
-    partial = out_dir / f".model-{os.getpid()}.xml"
-    ov.save_model(model, partial, compress_to_fp16=False)
-    # The .bin first: a model.xml is never seen next to a half-written or missing .bin.
-    os.replace(partial.with_suffix(".bin"), target.with_suffix(".bin"))
-    os.replace(partial, target)
-    log.info("wrote %s", target)
-    return target
+    here = Path(__file__)
+    sources = [weights_path(), here, LABELS_FILE, here.with_name("torch_legacy.py"), here.with_name("ir_files.py")]
+    return write_ir(lambda: build_efficientnet_lite0(load_legacy_state_dict(weights_path()), imagenet_labels()),
+                    out_dir, sources)
