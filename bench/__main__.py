@@ -33,6 +33,7 @@ from PIL import Image
 
 from devtools.servers import REPO, Bridge, Broker, broker_kind, serve_bento, stop_process
 
+from .http_load import HttpLoadError, post_closed_loop
 from .measure import Figure, closed_loop, cores, cpu_model, rss_mib, summarise
 
 log = logging.getLogger("bench")
@@ -188,21 +189,25 @@ class Sink:
 
 def service_alone(url: str, sink: Sink, inputs: dict[str, list[Path]], output: Path, seconds: float,
                   levels: tuple[int, ...]) -> list[Figure]:
-    """POST /classify over HTTP at several concurrencies; each job includes both AiCSD callbacks."""
+    """POST /classify over HTTP at several concurrencies; each job includes both AiCSD callbacks.
+    The load comes from one asyncio loop on raw keep-alive connections (bench.http_load), so that
+    on a small machine it takes little of the CPU the service needs."""
+
+    def check(status: int, body: bytes) -> None:
+        if status != 200 or b'"Status":"PipelineComplete"' not in body:
+            raise HttpLoadError(f"answer {status}: {body[:500]!r}")
+
     figures = []
-    with httpx.Client(timeout=120, trust_env=False, limits=httpx.Limits(max_connections=16)) as client:
-        for kind in ("jpeg512", "tiff1024"):
-            for concurrency in levels if kind == "jpeg512" else levels[-2:-1]:
-                files = inputs[kind]
+    for kind in ("jpeg512", "tiff1024"):
+        for concurrency in levels if kind == "jpeg512" else levels[-2:-1]:
+            files = inputs[kind]
 
-                def job(n: int, files: list[Path] = files) -> None:
-                    _, body = sink.job(files[n % len(files)], output)
-                    response = client.post(f"{url}/classify", json=body)
-                    assert response.status_code == 200 and response.json()["Status"] == "PipelineComplete", response.text
+            def body(n: int, files: list[Path] = files) -> dict:
+                return sink.job(files[n % len(files)], output)[1]
 
-                latencies, elapsed = closed_loop(job, concurrency, seconds)
-                figures.append(summarise("service alone (HTTP)", f"{kind}, concurrency {concurrency}", latencies,
-                                         elapsed))
+            latencies, elapsed = post_closed_loop(f"{url}/classify", body, check, concurrency, seconds)
+            figures.append(summarise("service alone (HTTP)", f"{kind}, concurrency {concurrency}", latencies,
+                                     elapsed))
     return figures
 
 
