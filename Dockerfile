@@ -17,7 +17,7 @@ RUN pip install --no-cache-dir -r requirements-bridge.txt \
 
 COPY paho_mqtt_client.py helper.py ./
 COPY bridge/ bridge/
-COPY pipeline/__init__.py pipeline/base.py pipeline/errors.py pipeline/job.py pipeline/logs.py \
+COPY pipeline/__init__.py pipeline/base.py pipeline/errors.py pipeline/http_client.py pipeline/job.py pipeline/logs.py \
      pipeline/outcome.py pipeline/settings.py pipeline/
 COPY pythonClientConfig.yaml /config/pythonClientConfig.yaml
 

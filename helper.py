@@ -21,9 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from pipeline.base import JobLog
+from pipeline.http_client import HttpClient, HttpFailure
 from pipeline.job import CallbackUrls
 from pipeline.outcome import COMPLETE, FAILED, OutputFile, PipelineOutcome
 
@@ -126,8 +125,8 @@ class AicsdClient:
     ) -> None:
         self.policy = policy or RetryPolicy()
         self._sleep = sleep
-        # trust_env=False: no proxy from the environment; callbacks go only to the job's own URLs.
-        self._http = httpx.Client(timeout=self.policy.timeout, follow_redirects=False, trust_env=False)
+        # No proxy from the environment and no redirects: callbacks go only to the job's own URLs.
+        self._http = HttpClient(self.policy.timeout)
 
     def close(self) -> None:
         self._http.close()
@@ -170,16 +169,16 @@ class AicsdClient:
         job_log: logging.LoggerAdapter | None,  # type: ignore[type-arg]
     ) -> CallbackAnswer:
         out: logging.Logger | logging.LoggerAdapter = job_log or log  # type: ignore[type-arg]
-        headers = {"Content-Type": content_type, "Content-Length": str(len(content))}
+        headers = {"Content-Type": content_type}
         answer = CallbackAnswer(url, None, "", 0, "not attempted")
         for attempt in range(1, self.policy.tries + 1):
             wait = self.policy.wait_before(attempt)
             if wait:
                 self._sleep(wait)
             try:
-                response = self._http.request(method, url, content=content, headers=headers)
-            except httpx.HTTPError as exc:
-                answer = CallbackAnswer(url, None, "", attempt, f"{type(exc).__name__}: {exc}")
+                response = self._http.request(method, url, content, headers)
+            except HttpFailure as exc:
+                answer = CallbackAnswer(url, None, "", attempt, str(exc))
                 out.warning("%s %s attempt %d/%d failed: %s", method, url, attempt, self.policy.tries, answer.error)
                 continue
             answer = CallbackAnswer(url, response.status_code, response.text[:2000], attempt)

@@ -16,12 +16,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import httpx
 from pydantic import ValidationError
 
 from helper import AicsdClient
 from pipeline.base import JobLog
 from pipeline.errors import JobRejected
+from pipeline.http_client import HttpClient, HttpFailure, HttpResponse
 from pipeline.job import Job, JobRequest
 from pipeline.outcome import PipelineOutcome
 
@@ -55,11 +55,7 @@ class Forwarder:
         self.spool = spool
         self.aicsd = aicsd
         self._clock = clock
-        self._http = httpx.Client(
-            timeout=httpx.Timeout(config.request_timeout, connect=10),
-            limits=httpx.Limits(max_connections=config.concurrency, max_keepalive_connections=config.concurrency),
-            trust_env=False,
-        )
+        self._http = HttpClient(config.request_timeout, connect_timeout=10, max_idle=config.concurrency)
         self._wake = threading.Condition()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -141,9 +137,9 @@ class Forwarder:
         body = json.loads(job.payload)
         body["GatewayIP"] = self.config.gateway_ip
         try:
-            response = self._http.post(self.config.service_url, json=body)
-        except httpx.HTTPError as exc:
-            self._retry(job, f"service unreachable: {type(exc).__name__}: {exc}", job_log)
+            response = self._http.post_json(self.config.service_url, body)
+        except HttpFailure as exc:
+            self._retry(job, f"service unreachable: {exc}", job_log)
             return
         if response.status_code == 200:
             status = _field(response, "Status")
@@ -193,7 +189,7 @@ def usable_callbacks(payload: str, allowed_hosts: frozenset[str]):  # type: igno
         return None
 
 
-def _field(response: httpx.Response, name: str) -> str | None:
+def _field(response: HttpResponse, name: str) -> str | None:
     try:
         value = response.json().get(name)
     except (ValueError, AttributeError):
@@ -201,6 +197,6 @@ def _field(response: httpx.Response, name: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _error_text(response: httpx.Response) -> str:
+def _error_text(response: HttpResponse) -> str:
     text = response.text.strip()
     return text[:500] if text else response.reason_phrase
