@@ -6,7 +6,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -146,3 +146,87 @@ def test_threads_sharing_one_client_each_get_their_own_answers(server):
             thread.join()
     assert results == {n: {"echo": str(n)} for n in range(16)}
     assert server.connections <= 16
+
+
+class CannedServer:
+    """Answers every request on a connection with the next canned bytes, then closes when told."""
+
+    def __init__(self, answers: list[bytes], close_after: bool = False) -> None:
+        self.answers = answers
+        self.close_after = close_after
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        connection, _ = self.listener.accept()
+        with connection, connection.makefile("rb") as reader:
+            for answer in self.answers:
+                head = b""
+                while not head.endswith(b"\r\n\r\n"):
+                    head += reader.readline()
+                length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                                  if line.lower().startswith(b"content-length")))
+                reader.read(length)
+                connection.sendall(answer)
+            if self.close_after:
+                connection.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.listener.close()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def canned() -> Iterator[Callable[..., CannedServer]]:
+    started: list[CannedServer] = []
+
+    def start(answers: list[bytes], close_after: bool = False) -> CannedServer:
+        started.append(CannedServer(answers, close_after))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.close()
+
+
+def test_a_chunked_answer_and_an_interim_answer_are_read_whole_on_a_kept_connection(canned):
+    server = canned([
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: 1\r\n\r\n",
+        b"HTTP/1.1 204 No Content\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n\r\nok",
+    ])
+    with HttpClient(timeout=5) as client:
+        first = client.request("PUT", f"{server.url}/a", b"{}")
+        second = client.request("POST", f"{server.url}/b", b"x")
+        third = client.request("POST", f"{server.url}/c", b"y")
+    assert (first.status_code, first.text) == (200, "hello world")
+    assert (second.status_code, second.body) == (204, b"")
+    assert third.text == "ok" and third.headers["set-cookie"] == "a=1, b=2"
+
+
+def test_an_answer_without_length_is_read_until_the_server_closes(canned):
+    server = canned([b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nall of it"], close_after=True)
+    with HttpClient(timeout=5) as client:
+        answer = client.request("POST", f"{server.url}/a", b"")
+        assert client._idle[("http", "127.0.0.1", int(server.url.rsplit(":", 1)[1]))] == []
+    assert answer.text == "all of it"
+
+
+@pytest.mark.parametrize("answer, problem", [
+    (b"SMTP ready\r\n\r\n", "not an HTTP/1.x status line"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort", "closed after 5 of 10 body bytes"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: many\r\n\r\n", "bad Content-Length"),
+    (b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n", "malformed header line"),
+])
+def test_a_malformed_answer_is_a_failure_that_names_the_problem(canned, answer, problem):
+    server = canned([answer], close_after=True)
+    with HttpClient(timeout=5) as client, pytest.raises(HttpFailure, match=f"BadAnswer: .*{problem}"):
+        client.request("POST", f"{server.url}/a", b"")
+
+
+def test_a_path_with_spaces_or_line_breaks_is_refused_before_anything_is_sent():
+    with HttpClient(timeout=1) as client, pytest.raises(HttpFailure, match="control characters"):
+        client.request("POST", "http://127.0.0.1:9/a b\r\nX-Injected: 1", b"")
