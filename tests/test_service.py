@@ -302,6 +302,11 @@ class TestServiceSurface:
             "status": "Running",
         }
 
+    def test_prometheus_metrics_are_off_as_bentoml_yaml_says(self, service, client):
+        # bentoml.yaml turns them off for speed; this shows its section reaches BentoML.
+        assert client.get(f"{service.url}/metrics").status_code == 404
+        assert client.get(f"{service.url}/readyz").status_code == 200
+
     def test_swagger_spec_offers_the_seed_request_as_the_example(self, service, client):
         from pipeline.job import SEED_EXAMPLE
 
