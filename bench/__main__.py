@@ -7,7 +7,9 @@ the AiCSD stand-in as callback sink), and reports side by side: `benchmark_app` 
 (the limit), the pipeline alone, the service alone over HTTP at concurrency 1, 2, 4 and 8 with
 callbacks, and end to end from MQTT publish to AiCSD's status callback, at saturation and at
 half of it; plus the counting pipeline on 2048x2048 16-bit TIFFs, start-up time with a warm
-compiled-model cache and resident memory. Prints a table, writes bench.json and bench.png.
+compiled-model cache, resident memory, and a py-spy profile of the service worker under load
+(where its interpreter time goes). Prints a table, writes bench.json, bench.png and the raw
+profile-gil.txt.
 `--quick` is a seconds-long smoke run; `--soak` adds 10,000 jobs to show memory stays flat.
 """
 
@@ -35,6 +37,7 @@ from devtools.servers import REPO, Bridge, Broker, broker_kind, serve_bento, sto
 
 from .http_load import HttpLoadError, post_closed_loop
 from .measure import Figure, closed_loop, cores, cpu_model, rss_mib, summarise
+from .profile import Profile, find_worker, finish, record
 
 log = logging.getLogger("bench")
 MODEL_XML = REPO / "models" / "efficientnet-lite0" / "1" / "model.xml"
@@ -200,7 +203,9 @@ def service_alone(url: str, sink: Sink, inputs: dict[str, list[Path]], output: P
     figures = []
     for kind in ("jpeg512", "tiff1024"):
         for concurrency in levels if kind == "jpeg512" else levels[-2:-1]:
-            files = inputs[kind]
+            files = inputs.get(kind, [])
+            if not files:
+                continue
 
             def body(n: int, files: list[Path] = files) -> dict:
                 return sink.job(files[n % len(files)], output)[1]
@@ -209,6 +214,18 @@ def service_alone(url: str, sink: Sink, inputs: dict[str, list[Path]], output: P
             figures.append(summarise("service alone (HTTP)", f"{kind}, concurrency {concurrency}", latencies,
                                      elapsed))
     return figures
+
+
+def profile_service(service_pid: int, url: str, sink: Sink, inputs: dict[str, list[Path]], output: Path,
+                    seconds: float, raw_path: Path) -> Profile:
+    """py-spy on the service worker while it serves 512x512 JPEG jobs at concurrency 8."""
+    worker = find_worker(service_pid)
+    if worker is None:
+        return Profile(0, {}, error="no BentoML worker process found under bentoml serve")
+    recorder = record(worker, seconds, raw_path)
+    if not isinstance(recorder, str):
+        service_alone(url, sink, {"jpeg512": inputs["jpeg512"]}, output, seconds + 1, (8,))
+    return finish(recorder, raw_path)
 
 
 class Publisher:
@@ -352,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
         started.append(service)
         log.info("service alone")
         figures += service_alone(service.url, sink, inputs, files / "output", stage_s, (1, 2, 4, 8))
+        log.info("profile of the service under load")
+        profile = profile_service(service.process.pid, service.url, sink, inputs, files / "output",
+                                  2 if quick else stage_s, out / "profile-gil.txt")
         broker = Broker(work / "broker", kind=broker_kind()).start()
         started.append(broker)
         bridge = Bridge(work / "bridge", f"{service.url}/classify", broker.port, client_id="bench-bridge",
@@ -394,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         "figures": [f.asdict() for f in figures],
         "targets": targets,
         "memory": memory,
+        "profile": profile.asdict(),
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(report, indent=2))
@@ -402,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{cpu_model()}, {cores()} cores\n\n{text}\n")
     for name, value in {**targets, **memory}.items():
         print(f"  {name}: {value:.2f}")
+    print(f"\n{profile.text()}")
     print(f"\nwrote {out / 'bench.json'} and {out / 'bench.png'}")
     return 0
 
