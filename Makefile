@@ -61,7 +61,7 @@ demo: setup ## Run broker, service, bridge and an AiCSD stand-in on sample image
 test: setup ## Run the test suite
 	$(PY) -m pytest
 
-bench: setup ## Measure the whole chain against benchmark_app (about 2 min; BENCH_ARGS=--soak for 10,000 jobs)
+bench: setup ## Measure the whole chain against benchmark_app (about 3 min; BENCH_ARGS=--soak for 10,000 jobs)
 	$(PY) -m bench $(BENCH_ARGS)
 
 build: models ## Build the bento (bentoml build) and print its tag

@@ -315,10 +315,16 @@ def chart(figures: list[Figure], limit: float, path: Path) -> None:
     left.set_title("Throughput per stage")
     left.legend(loc="lower right")
     shown = [f for f in figures if f.samples and (f.stage.startswith("end to end") or "concurrency 4" in f.setting)]
-    top = max((np.percentile(np.array(f.samples) * 1000, 99) for f in shown), default=1.0)
-    for f in shown:
-        right.hist(np.array(f.samples) * 1000, bins=50, range=(0, top), alpha=0.55, label=f"{f.stage}: {f.setting}")
-    right.set_xlabel("latency (ms)")
+    # Log-spaced bins: the queueing of the saturation run (seconds) and the per-job latencies
+    # (milliseconds) are both readable on one axis.
+    values = [np.array(f.samples) * 1000 for f in shown]
+    low = max(0.1, min((v.min() for v in values), default=1.0))
+    high = max((v.max() for v in values), default=10.0)
+    bins = np.logspace(np.log10(low), np.log10(max(high, low * 10)), 60)
+    for f, v in zip(shown, values):
+        right.hist(v, bins=bins, alpha=0.55, label=f"{f.stage}: {f.setting}")
+    right.set_xscale("log")
+    right.set_xlabel("latency (ms, log scale)")
     right.set_ylabel("jobs")
     right.set_title("Latency distribution")
     right.legend(fontsize=8)
@@ -334,7 +340,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "bench-results")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request would load the load generator
+    # A line per request or per job would load the process that measures, and hide the progress
+    # lines; the service and the bridge run at WARNING here for the same reason.
+    for noisy in ("httpx", "pipeline", "helper"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     quick = args.quick
     stage_s = 1.0 if quick else 8.0
     out = args.out.resolve()
