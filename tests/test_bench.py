@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,9 +28,13 @@ def test_quick_benchmark_writes_its_table_json_and_chart_and_stops_everything(bu
     assert all(f["count"] > 0 for f in report["figures"])
     assert (out / "bench.png").stat().st_size > 10_000
     profile = report["profile"]
-    assert profile["error"] is None, profile["error"]
-    assert profile["samples"] > 0 and abs(sum(profile["buckets"].values()) - 100) < 1
-    assert "interpreter time of the service worker" in result.stdout
+    if profile["error"] and re.search(r"permission|not permitted|ptrace", profile["error"], re.I):
+        # A machine that forbids attaching to processes: the bench says so and carries on.
+        assert f"profile unavailable: {profile['error']}" in result.stdout
+    else:
+        assert profile["error"] is None, profile["error"]
+        assert profile["samples"] > 0 and abs(sum(profile["buckets"].values()) - 100) < 1
+        assert "interpreter time of the service worker" in result.stdout
     assert "ratio" in result.stdout and "benchmark_app" in result.stdout
     left = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True)
     assert left.stdout == "", f"processes left running: {left.stdout}"
