@@ -21,6 +21,13 @@ T = TypeVar("T")
 Key = tuple[str, str]
 
 
+# Every finished entry shares this set Event: a threading.Event costs about 1 KB, and up to
+# `max_entries` finished jobs are remembered. Waiters that took the entry's own Event before the
+# swap are woken when it is set.
+_FINISHED = threading.Event()
+_FINISHED.set()
+
+
 @dataclass
 class _Entry(Generic[T]):
     done: threading.Event
@@ -77,7 +84,8 @@ class RecentJobs(Generic[T]):
                     self._entries.move_to_end(key)
                 else:
                     del self._entries[key]
-                entry.done.set()
+                running, entry.done = entry.done, _FINISHED
+                running.set()
 
     def _expire(self) -> None:
         now = self._clock()

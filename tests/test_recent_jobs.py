@@ -81,3 +81,20 @@ def test_memory_is_bounded():
         recent.run_once((str(i), "t"), lambda i=i: i, keep=lambda r: True)
     assert recent.run_once(("0", "t"), lambda: -1, keep=lambda r: True) == (-1, False)
     assert recent.run_once(("9", "t"), lambda: -1, keep=lambda r: True) == (9, True)
+
+
+def test_a_remembered_job_costs_a_few_hundred_bytes_beyond_its_result():
+    # Up to max_entries (100,000) finished jobs are kept: each must not carry a lock or an Event.
+    import tracemalloc
+
+    recent: RecentJobs[str] = RecentJobs(900)
+    keys = [(f"job{n:06d}", f"task{n:06d}") for n in range(2000)]
+    result = "stored answer"
+    tracemalloc.start()
+    before = tracemalloc.take_snapshot()
+    for key in keys:
+        recent.run_once(key, lambda: result, keep=lambda r: True)
+    after = tracemalloc.take_snapshot()
+    tracemalloc.stop()
+    grown = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+    assert grown / len(keys) < 400, f"{grown / len(keys):.0f} bytes per remembered job"
