@@ -13,8 +13,9 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -134,10 +135,10 @@ class Forwarder:
             last = f"; last error: {job.last_error}" if job.last_error else ""
             self._fail(job, f"not processed within {self.config.max_age:g} s (bridge.max_age){last}", job_log)
             return
-        body = json.loads(job.payload)
-        body["GatewayIP"] = self.config.gateway_ip
         try:
-            response = self._http.post_json(self.config.service_url, body)
+            # The spooled payload is the service's request body already (see receiver.inspect_payload).
+            response = self._http.request("POST", self.config.service_url, job.payload.encode("utf-8"),
+                                          {"Content-Type": "application/json"})
         except HttpFailure as exc:
             self._retry(job, f"service unreachable: {exc}", job_log)
             return
@@ -175,10 +176,11 @@ class Forwarder:
         self.stats.failed += 1
 
 
-def usable_callbacks(payload: str, allowed_hosts: frozenset[str]):  # type: ignore[no-untyped-def]
-    """The job's callback URLs when they are well formed and allowed, else None."""
+def usable_callbacks(payload: str | Mapping[str, Any], allowed_hosts: frozenset[str]):  # type: ignore[no-untyped-def]
+    """The job's callback URLs (from its JSON text or its parsed object) when they are well formed
+    and allowed, else None."""
     try:
-        data = json.loads(payload)
+        data = json.loads(payload) if isinstance(payload, str) else payload
         urls = {k: data.get(k) for k in ("JobUpdateUrl", "PipelineStatusUrl")}
         # Validate the URLs alone: other fields may be the reason the job failed.
         request = JobRequest.model_validate(

@@ -48,8 +48,9 @@ def _validation_summary(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def inspect_payload(raw: bytes, allowed_hosts: frozenset[str]) -> Receipt:
-    """Decide a message's fate without touching the network."""
+def inspect_payload(raw: bytes, allowed_hosts: frozenset[str], gateway_ip: str = "") -> Receipt:
+    """Decide a message's fate without touching the network. The JSON is parsed here, once: a
+    job to forward is spooled as the exact body the service gets, `GatewayIP` included."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -60,7 +61,7 @@ def inspect_payload(raw: bytes, allowed_hosts: frozenset[str]) -> Receipt:
         return Receipt(None, text, dead_reason=f"payload is not JSON: {exc}")
     if not isinstance(data, dict):
         return Receipt(None, text, dead_reason=f"payload is a JSON {type(data).__name__}, not an object")
-    callbacks = usable_callbacks(text, allowed_hosts)
+    callbacks = usable_callbacks(data, allowed_hosts)
     try:
         JobRequest.model_validate(data)
     except ValidationError as exc:
@@ -70,7 +71,8 @@ def inspect_payload(raw: bytes, allowed_hosts: frozenset[str]) -> Receipt:
         return Receipt((callbacks.job_id, callbacks.task_id), text, reject_reason=reason)
     if callbacks is None:
         return Receipt(None, text, dead_reason="callback host not in bridge.callback_hosts: AiCSD cannot be told")
-    return Receipt((callbacks.job_id, callbacks.task_id), text)
+    body = json.dumps({**data, "GatewayIP": gateway_ip}, separators=(",", ":"), ensure_ascii=False)
+    return Receipt((callbacks.job_id, callbacks.task_id), body)
 
 
 class Receiver:
@@ -157,7 +159,7 @@ class Receiver:
 
     def _store(self, message: mqtt.MQTTMessage) -> None:
         self.received += 1
-        receipt = inspect_payload(message.payload, self.config.callback_hosts)
+        receipt = inspect_payload(message.payload, self.config.callback_hosts, self.config.gateway_ip)
         if receipt.dead_reason is not None:
             log.error("dead-lettered message on %s: %s", message.topic, receipt.dead_reason)
             self.spool.dead_letter(receipt.dead_reason, message.payload, topic=message.topic, key=receipt.key)

@@ -158,6 +158,13 @@ class TestPayloads:
         receipt = inspect_payload(json.dumps(JOB).encode(), ALLOWED)
         assert receipt.key == ("j1", "t1") and receipt.dead_reason is None and receipt.reject_reason is None
 
+    def test_valid_job_is_spooled_as_the_service_request_body_with_the_bridge_gateway_ip(self):
+        # The forwarder posts the spooled text as it is: the JSON is parsed once, on receipt.
+        sent = {**JOB, "GatewayIP": "from-aicsd"}
+        receipt = inspect_payload(json.dumps(sent).encode(), ALLOWED, "10.1.2.3")
+        assert json.loads(receipt.text) == {**JOB, "GatewayIP": "10.1.2.3"}
+        assert receipt.text == json.dumps({**JOB, "GatewayIP": "10.1.2.3"}, separators=(",", ":"))
+
     @pytest.mark.parametrize(
         "payload, reason",
         [

@@ -137,7 +137,7 @@ def test_threads_sharing_one_client_each_get_their_own_answers(server):
         results: dict[int, object] = {}
 
         def send(n: int) -> None:
-            results[n] = client.post_json(f"{server.url}/t", n).json()
+            results[n] = client.request("POST", f"{server.url}/t", str(n).encode()).json()
 
         threads = [threading.Thread(target=send, args=(n,)) for n in range(16)]
         for thread in threads:
