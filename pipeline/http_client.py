@@ -192,7 +192,7 @@ class HttpClient:
                 connection.close()
                 connection = self._connect(origin)
                 response, keep = connection.exchange(method, target, body, all_headers, False)
-        except (OSError, _BadAnswer, _Stale) as exc:
+        except (OSError, _BadAnswer) as exc:
             connection.close()
             raise HttpFailure(_describe(exc)) from exc
         if keep:
@@ -261,6 +261,4 @@ def _describe(exc: BaseException) -> str:
         return f"ConnectionRefused: {exc}"
     if isinstance(exc, _BadAnswer):
         return f"BadAnswer: {exc}"
-    if isinstance(exc, _Stale):
-        return "ConnectionClosed: the server closed the connection without answering"
     return f"{type(exc).__name__}: {exc}"
