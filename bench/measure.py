@@ -5,14 +5,14 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Figure", "closed_loop", "rss_mib", "summarise"]
+__all__ = ["Figure", "closed_loop", "process_tree", "rss_mib", "summarise"]
 
 
 @dataclass
@@ -79,18 +79,25 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def rss_mib(pid: int) -> float:
-    """Resident memory of a process and all its descendants, in MiB."""
-    total, stack = 0, [pid]
+def process_tree(pid: int) -> Iterator[int]:
+    """`pid` and every process descended from it, parents before their children."""
+    stack = [pid]
     while stack:
         current = stack.pop()
+        yield current
+        stack.extend(_children(current))
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of a process and all its descendants, in MiB."""
+    total = 0
+    for current in process_tree(pid):
         try:
             for line in Path(f"/proc/{current}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     total += int(line.split()[1])
         except OSError:
             continue
-        stack.extend(_children(current))
     return total / 1024.0
 
 

@@ -15,9 +15,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .measure import _children
+from .measure import process_tree
 
-__all__ = ["Profile", "bucket_samples", "find_worker", "record"]
+__all__ = ["Profile", "bucket_samples", "find_worker", "finish", "record"]
 
 # (bucket, prefix of a frame's function name): a sample goes to the first bucket one of its frames
 # matches, so the more specific buckets come first; a sample matching none is HTTP handling.
@@ -55,16 +55,13 @@ class Profile:
 
 def find_worker(server_pid: int) -> int | None:
     """The BentoML worker process (the one running the service) under `bentoml serve`."""
-    stack = [server_pid]
-    while stack:
-        pid = stack.pop()
+    for pid in process_tree(server_pid):
         try:
             command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
         except OSError:
             continue
         if b"_bentoml_impl.worker.service" in command:
             return pid
-        stack.extend(_children(pid))
     return None
 
 
