@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import psutil
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,18 +38,49 @@ def wait_for_port(port: int, timeout: float = 20, host: str = "127.0.0.1") -> No
 
 
 def stop_process(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-    """Stop a process started in its own session, and everything it started."""
+    """Stop a process started in its own session, and every process it started.
+
+    `bentoml serve` runs its worker in a process group of its own, so signalling the group alone
+    leaves the worker alive (and serving the port) after a SIGKILL. The whole tree is collected
+    before the signal, since a killed parent's children are re-parented and can no longer be
+    found from it; each one is signalled, and anything still alive after `timeout` is killed.
+    """
+    family = _descendants(process.pid)
     if process.poll() is None:
         try:
             os.killpg(process.pid, sig)
         except ProcessLookupError:
             pass
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(10)
+    for child in family:
+        _signal(child, sig)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        _signal(process, signal.SIGKILL)
+        process.wait(10)
+    _, alive = psutil.wait_procs(family, timeout=timeout)
+    for child in alive:
+        _signal(child, signal.SIGKILL)
+    psutil.wait_procs(alive, timeout=10)
     return process.returncode
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _signal(target: psutil.Process | subprocess.Popen, sig: int) -> None:
+    try:
+        if isinstance(target, subprocess.Popen):
+            if target.poll() is None:
+                os.killpg(target.pid, sig)
+        else:
+            target.send_signal(sig)
+    except (ProcessLookupError, psutil.NoSuchProcess):
+        pass
 
 
 def mosquitto_binary() -> str:
