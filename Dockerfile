@@ -15,10 +15,10 @@ RUN pip install --no-cache-dir -r requirements-bridge.txt \
     && mkdir -p /var/lib/bridge /config \
     && chown bridge /var/lib/bridge
 
+# Whole packages: the bridge imports the AiCSD contract (aicsd/) and its own package, nothing else.
 COPY paho_mqtt_client.py helper.py ./
+COPY aicsd/ aicsd/
 COPY bridge/ bridge/
-COPY pipeline/__init__.py pipeline/base.py pipeline/errors.py pipeline/http_client.py pipeline/job.py pipeline/logs.py \
-     pipeline/outcome.py pipeline/settings.py pipeline/
 COPY pythonClientConfig.yaml /config/pythonClientConfig.yaml
 
 USER bridge

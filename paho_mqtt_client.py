@@ -22,7 +22,7 @@ from bridge.forwarder import Forwarder
 from bridge.receiver import Receiver
 from bridge.spool import Spool
 from helper import AicsdClient
-from pipeline.logs import configure_logging
+from aicsd.logs import configure_logging
 
 log = logging.getLogger("bridge")
 
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("config", type=Path, help="the bridge configuration (pythonClientConfig.yaml)")
     args = parser.parse_args(argv)
-    configure_logging("bridge", "helper")
+    configure_logging("bridge", "aicsd", "helper")
     try:
         config = load_config(args.config)
     except ConfigError as exc:

@@ -20,14 +20,14 @@ from starlette.responses import JSONResponse
 
 with bentoml.importing():
     from helper import AicsdClient, CallbackAnswer, CallbackReport, RetryPolicy, job_update_body
-    from pipeline.errors import JobRejected
-    from pipeline.job import Job, JobRequest
-    from pipeline.logs import configure_logging
+    from aicsd.errors import JobRejected
+    from aicsd.job import Job, JobRequest
+    from aicsd.logs import configure_logging
     from pipeline.model_repository import ModelRepository
-    from pipeline.outcome import PipelineOutcome
-    from pipeline.recent_jobs import RecentJobs
-    from pipeline.runner import PipelineRunner
-    from pipeline.settings import Settings
+    from aicsd.outcome import PipelineOutcome
+    from serving.recent_jobs import RecentJobs
+    from serving.runner import PipelineRunner
+    from serving.settings import Settings
 
 log = logging.getLogger("service")
 

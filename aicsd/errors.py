@@ -14,7 +14,7 @@
     SettingsError                 bad service settings; stops start-up with every problem listed
 
 The mapping of PipelineError to a PipelineFailed outcome lives in one place,
-`pipeline.runner.run_job`.
+`serving.runner.PipelineRunner`.
 """
 
 from __future__ import annotations

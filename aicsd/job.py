@@ -9,16 +9,15 @@ because a job with a bad path can still be reported to AiCSD as `PipelineFailed`
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import SplitResult, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from .errors import InputFileError, JobRejected, ParameterError
+from .callback_rules import CALLBACK_PATHS, JOB_UPDATE_PATH, STATUS_PATH, host_allowed, split_callback
+from .errors import JobRejected, ParameterError
 
 __all__ = [
     "SEED_EXAMPLE",
@@ -26,8 +25,6 @@ __all__ = [
     "Job",
     "JobRequest",
     "ModelParams",
-    "host_allowed",
-    "resolve_inside",
 ]
 
 SEED_EXAMPLE: dict[str, Any] = {
@@ -40,14 +37,6 @@ SEED_EXAMPLE: dict[str, Any] = {
     "7c9fdbde-3b56-48af-a405-51d718cd9711/15c40f2d-68d2-4f09-9133-23f101b8b660",
     "GatewayIP": "192.168.0.20",
 }
-
-_JOB_UPDATE_PATH = re.compile(r"/api/v1/job/pipeline/(?P<job>[^/]+)/(?P<task>[^/]+)/?$")
-_STATUS_PATH = re.compile(r"/api/v1/pipelineStatus/(?P<job>[^/]+)/(?P<task>[^/]+)/?$")
-_CALLBACK_PATHS = {
-    "JobUpdateUrl": (_JOB_UPDATE_PATH, "/api/v1/job/pipeline"),
-    "PipelineStatusUrl": (_STATUS_PATH, "/api/v1/pipelineStatus"),
-}
-
 
 class ModelParams(Mapping[str, str]):
     """The task's model parameters: a string map whose keys match case-insensitively.
@@ -108,24 +97,6 @@ class ModelParams(Mapping[str, str]):
         raise ParameterError(key, f"must be one of {', '.join(choices)}, got {raw!r}")
 
 
-def _split_callback(url: str, pattern: re.Pattern[str], what: str) -> tuple[SplitResult, str, str]:
-    parts = urlsplit(url.strip())
-    if parts.scheme not in ("http", "https"):
-        raise ValueError(f"must be an http or https URL, got {url!r}")
-    if not parts.hostname:
-        raise ValueError(f"has no host: {url!r}")
-    try:
-        parts.port
-    except ValueError:
-        raise ValueError(f"has an invalid port: {url!r}") from None
-    if parts.username or parts.password:
-        raise ValueError("must not carry credentials")
-    match = pattern.search(parts.path)
-    if not match:
-        raise ValueError(f"must end with {what}/<jobid>/<taskid>, got path {parts.path!r}")
-    return parts, match["job"], match["task"]
-
-
 class JobRequest(BaseModel):
     """An AiCSD job as it arrives on the wire: the five AiCSD fields plus `GatewayIP`."""
 
@@ -165,14 +136,14 @@ class JobRequest(BaseModel):
     @field_validator("JobUpdateUrl", "PipelineStatusUrl")
     @classmethod
     def _callback_url(cls, value: str, info: ValidationInfo) -> str:
-        pattern, path = _CALLBACK_PATHS[info.field_name or ""]
-        _split_callback(value, pattern, path)
+        pattern, path = CALLBACK_PATHS[info.field_name or ""]
+        split_callback(value, pattern, path)
         return value.strip()
 
     @model_validator(mode="after")
     def _same_job(self) -> JobRequest:
-        _, job_a, task_a = _split_callback(self.JobUpdateUrl, _JOB_UPDATE_PATH, "")
-        _, job_b, task_b = _split_callback(self.PipelineStatusUrl, _STATUS_PATH, "")
+        _, job_a, task_a = split_callback(self.JobUpdateUrl, JOB_UPDATE_PATH, "")
+        _, job_b, task_b = split_callback(self.PipelineStatusUrl, STATUS_PATH, "")
         if (job_a, task_a) != (job_b, task_b):
             raise ValueError(
                 f"JobUpdateUrl names job {job_a}/task {task_a} but PipelineStatusUrl names "
@@ -216,8 +187,8 @@ class Job:
     @classmethod
     def from_request(cls, request: JobRequest, allowed_hosts: frozenset[str]) -> Job:
         """Apply the deployment's callback-host rule; raise `JobRejected` naming the field."""
-        job_parts, job_id, task_id = _split_callback(request.JobUpdateUrl, _JOB_UPDATE_PATH, "")
-        status_parts, _, _ = _split_callback(request.PipelineStatusUrl, _STATUS_PATH, "")
+        job_parts, job_id, task_id = split_callback(request.JobUpdateUrl, JOB_UPDATE_PATH, "")
+        status_parts, _, _ = split_callback(request.PipelineStatusUrl, STATUS_PATH, "")
         for field, parts in (("JobUpdateUrl", job_parts), ("PipelineStatusUrl", status_parts)):
             if not host_allowed(parts, allowed_hosts):
                 raise JobRejected(
@@ -232,34 +203,3 @@ class Job:
             params=ModelParams(request.ModelParams),
             gateway_ip=request.GatewayIP,
         )
-
-
-def host_allowed(parts: SplitResult, allowed: frozenset[str]) -> bool:
-    """True when the URL's host, or host:port, is in the allow list (or the list has `*`)."""
-    if "*" in allowed:
-        return True
-    host = (parts.hostname or "").lower()
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    shown = f"[{host}]" if ":" in host else host
-    return host in allowed or shown in allowed or f"{shown}:{port}" in allowed
-
-
-def resolve_inside(path: Path, roots: tuple[Path, ...], field: str, *, want_dir: bool) -> Path:
-    """Resolve `path` (symlinks followed) and insist it exists, has the right kind and lies in a root."""
-    if not path.is_absolute():
-        raise InputFileError(f"{field} must be an absolute path, got '{path}'")
-    try:
-        real = path.resolve(strict=True)
-    except FileNotFoundError:
-        raise InputFileError(f"{field} '{path}' does not exist") from None
-    except (OSError, RuntimeError) as exc:
-        raise InputFileError(f"{field} '{path}' cannot be resolved: {exc}") from None
-    inside = any(real.is_relative_to(root.resolve()) for root in roots)
-    if not inside:
-        shown = ":".join(str(r) for r in roots)
-        raise InputFileError(f"{field} '{path}' is outside the allowed file roots ({shown}, PIPELINE_FILE_ROOTS)")
-    if want_dir and not real.is_dir():
-        raise InputFileError(f"{field} '{path}' is not a directory")
-    if not want_dir and not real.is_file():
-        raise InputFileError(f"{field} '{path}' is not a regular file")
-    return real

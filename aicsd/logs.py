@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Any
 
-__all__ = ["configure_logging"]
+__all__ = ["JobLog", "configure_logging"]
 
 FORMAT = "%(asctime)s [%(levelname)s] [%(name)s] %(message)s"
 
@@ -22,7 +23,7 @@ def configure_logging(*names: str, level: str | None = None) -> None:
     numeric = logging.getLevelName(chosen)
     if not isinstance(numeric, int):
         numeric = logging.INFO
-    for name in names or ("pipeline", "helper", "service"):
+    for name in names or ("aicsd", "pipeline", "serving", "helper", "service"):
         logger = logging.getLogger(name)
         logger.setLevel(numeric)
         if not any(getattr(h, "_aicsd", False) for h in logger.handlers):
@@ -31,3 +32,14 @@ def configure_logging(*names: str, level: str | None = None) -> None:
             handler._aicsd = True  # type: ignore[attr-defined]
             logger.addHandler(handler)
         logger.propagate = False
+
+
+class JobLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """A logger that puts `job=<id> task=<id>` on every line about a job."""
+
+    def __init__(self, logger: logging.Logger, job_id: str, task_id: str) -> None:
+        super().__init__(logger, {"job_id": job_id, "task_id": task_id})
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        extra = self.extra or {}
+        return f"job={extra['job_id']} task={extra['task_id']} {msg}", kwargs

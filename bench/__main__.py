@@ -94,10 +94,10 @@ def benchmark_app(hint: str, seconds: int, workdir: Path) -> Figure:
 
 def pipeline_alone(inputs: dict[str, list[Path]], seconds: float, concurrency: int) -> list[Figure]:
     """The pipeline in this process, no HTTP: decode, preprocessing, inference, result."""
-    from pipeline.job import ModelParams
+    from aicsd.job import ModelParams
     from pipeline.model_repository import ModelRepository
-    from pipeline.runner import PipelineRunner
-    from pipeline.settings import Settings
+    from serving.runner import PipelineRunner
+    from serving.settings import Settings
 
     settings = Settings.from_env({"PIPELINE_MODELS_DIR": str(REPO / "models"), "PIPELINE_CACHE_DIR": ""})
     runner = PipelineRunner(settings, ModelRepository(settings.models_dir, cache_dir=None))
@@ -117,10 +117,11 @@ def pipeline_alone(inputs: dict[str, list[Path]], seconds: float, concurrency: i
 
 def counting_stages(inputs: dict[str, list[Path]], out: Path, repeats: int) -> list[Figure]:
     """A 2048x2048 16-bit image through the counting pipeline: reading, the model, the whole job."""
-    from pipeline.base import JobLog, PipelineTask
+    from aicsd.logs import JobLog
+    from pipeline.base import PipelineTask
     from pipeline.counting import CountingParams, CountingPipeline, _gray, page_quality
     from pipeline.images import read_pages
-    from pipeline.job import ModelParams
+    from aicsd.job import ModelParams
     from pipeline.model_repository import ModelRepository
 
     model = ModelRepository(REPO / "models", cache_dir=None).get("cell-counter")

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from pipeline.settings import parse_callback_hosts
+from aicsd.callback_rules import parse_callback_hosts
 
 __all__ = ["BridgeConfig", "ConfigError", "TlsConfig", "load_config"]
 

@@ -20,11 +20,11 @@ from typing import Any
 from pydantic import ValidationError
 
 from helper import AicsdClient
-from pipeline.base import JobLog
-from pipeline.errors import JobRejected
-from pipeline.http_client import HttpClient, HttpFailure, HttpResponse
-from pipeline.job import Job, JobRequest
-from pipeline.outcome import PipelineOutcome
+from aicsd.logs import JobLog
+from aicsd.errors import JobRejected
+from aicsd.transport import HttpClient, HttpFailure, HttpResponse
+from aicsd.job import Job, JobRequest
+from aicsd.outcome import PipelineOutcome
 
 from .config import BridgeConfig
 from .spool import Spool, SpooledJob

@@ -19,7 +19,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from pydantic import ValidationError
 
-from pipeline.job import JobRequest
+from aicsd.job import JobRequest
 
 from .config import BridgeConfig
 from .forwarder import usable_callbacks

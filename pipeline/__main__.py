@@ -14,12 +14,12 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import PipelineError, SettingsError
-from .job import ModelParams
-from .logs import configure_logging
+from aicsd.errors import PipelineError, SettingsError
+from aicsd.job import ModelParams
+from aicsd.logs import configure_logging
 from .model_repository import ModelRepository
-from .runner import PipelineRunner
-from .settings import Settings
+from serving.runner import PipelineRunner
+from serving.settings import Settings
 
 
 def _param(text: str) -> tuple[str, str]:

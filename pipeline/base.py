@@ -5,23 +5,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
-from .job import ModelParams
-from .outcome import PipelineOutcome
+from aicsd.job import ModelParams
+from aicsd.outcome import PipelineOutcome
 
-__all__ = ["JobLog", "Pipeline", "PipelineTask"]
-
-
-class JobLog(logging.LoggerAdapter):  # type: ignore[type-arg]
-    """A logger that puts `job=<id> task=<id>` on every line about a job."""
-
-    def __init__(self, logger: logging.Logger, job_id: str, task_id: str) -> None:
-        super().__init__(logger, {"job_id": job_id, "task_id": task_id})
-
-    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
-        extra = self.extra or {}
-        return f"job={extra['job_id']} task={extra['task_id']} {msg}", kwargs
+__all__ = ["Pipeline", "PipelineTask"]
 
 
 @dataclass(frozen=True)

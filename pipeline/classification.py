@@ -8,11 +8,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from .base import PipelineTask
-from .errors import ModelError
+from aicsd.errors import ModelError
 from .images import load_rgb
-from .job import ModelParams
+from aicsd.job import ModelParams
 from .model_repository import CompiledModel
-from .outcome import PipelineOutcome
+from aicsd.outcome import PipelineOutcome
 
 __all__ = ["Classification", "ClassificationParams", "ClassificationPipeline", "Prediction", "to_probabilities"]
 

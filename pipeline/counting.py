@@ -20,12 +20,12 @@ import tifffile
 from PIL import Image, ImageDraw
 
 from .base import PipelineTask
-from .errors import ModelError, ParameterError
+from aicsd.errors import ModelError, ParameterError
 from .images import read_pages, to_rgb8
-from .job import ModelParams
+from aicsd.job import ModelParams
 from .model_repository import CompiledModel, ModelInfo
 from .output_files import publish_together
-from .outcome import OutputFile, PipelineOutcome
+from aicsd.outcome import OutputFile, PipelineOutcome
 
 __all__ = ["Blob", "CountingParams", "CountingPipeline", "PageQuality", "page_quality"]
 

@@ -21,7 +21,7 @@ import numpy as np
 import tifffile
 from PIL import BmpImagePlugin, Image, ImageFile, JpegImagePlugin, PngImagePlugin
 
-from .errors import ImageError
+from aicsd.errors import ImageError
 
 __all__ = ["load_rgb", "read_pages", "to_rgb8"]
 

@@ -23,7 +23,7 @@ import numpy as np
 import openvino as ov
 from openvino.preprocess import ColorFormat, PrePostProcessor
 
-from .errors import ModelError
+from aicsd.errors import ModelError
 
 __all__ = ["CompiledModel", "ModelEntry", "ModelInfo", "ModelRepository"]
 

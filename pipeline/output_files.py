@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .errors import InputFileError
+from aicsd.errors import InputFileError
 
 __all__ = ["publish_together"]
 

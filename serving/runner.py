@@ -11,13 +11,16 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from .base import JobLog, Pipeline, PipelineTask
-from .classification import ClassificationPipeline
-from .counting import CountingPipeline
-from .errors import ModelError, PipelineError
-from .job import Job, ModelParams, resolve_inside
-from .model_repository import CompiledModel, ModelRepository
-from .outcome import PipelineOutcome
+from aicsd.logs import JobLog
+from pipeline.base import Pipeline, PipelineTask
+from pipeline.classification import ClassificationPipeline
+from pipeline.counting import CountingPipeline
+from aicsd.errors import ModelError, PipelineError
+from aicsd.job import Job, ModelParams
+
+from .files import resolve_inside
+from pipeline.model_repository import CompiledModel, ModelRepository
+from aicsd.outcome import PipelineOutcome
 from .settings import Settings
 
 __all__ = ["PIPELINE_KINDS", "PipelineRunner"]

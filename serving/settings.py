@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from .errors import SettingsError
+from aicsd.callback_rules import parse_callback_hosts
+from aicsd.errors import SettingsError
 
-__all__ = ["DEVICE_HINTS", "Settings", "parse_callback_hosts"]
+__all__ = ["DEVICE_HINTS", "Settings"]
 
 T = TypeVar("T")
 
@@ -118,22 +119,6 @@ def _file_roots(raw: str) -> tuple[Path, ...]:
             raise ValueError(f"{part!r} is not absolute")
         roots.append(path)
     return tuple(roots)
-
-
-def parse_callback_hosts(raw: str) -> frozenset[str]:
-    """`host` or `host:port` entries separated by commas (IPv6 in brackets), or `*`; lower-cased."""
-    entries = {e.strip().lower() for e in raw.split(",") if e.strip()}
-    if not entries:
-        raise ValueError("no host given")
-    for entry in entries - {"*"}:
-        host, sep, port = entry.rpartition(":")
-        if not sep or (":" in host and not host.startswith("[")):
-            host, port = entry, ""
-        if port and not port.isdigit():
-            raise ValueError(f"{entry!r} has a port that is not a number")
-        if not host:
-            raise ValueError(f"{entry!r} has no host")
-    return frozenset(entries)
 
 
 def _device(raw: str) -> str:

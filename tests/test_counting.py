@@ -13,10 +13,11 @@ import pytest
 import tifffile
 
 from devtools.synthetic_blobs import make_image, match
-from pipeline.base import JobLog, PipelineTask
+from aicsd.logs import JobLog
+from pipeline.base import PipelineTask
 from pipeline.counting import CountingParams, CountingPipeline, _gray, page_quality
-from pipeline.errors import ParameterError
-from pipeline.job import ModelParams
+from aicsd.errors import ParameterError
+from aicsd.job import ModelParams
 from pipeline.model_repository import ModelRepository
 from pipeline.output_files import publish_together
 

@@ -11,8 +11,8 @@ from helper import (
     send_pipeline_inference_results,
     send_pipeline_status,
 )
-from pipeline.job import CallbackUrls
-from pipeline.outcome import OutputFile, PipelineOutcome
+from aicsd.job import CallbackUrls
+from aicsd.outcome import OutputFile, PipelineOutcome
 
 
 def test_seed_functions_update_the_job_then_report_the_status(aicsd, tmp_path):

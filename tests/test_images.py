@@ -7,7 +7,7 @@ import pytest
 import tifffile
 from PIL import Image, ImageFile, JpegImagePlugin
 
-from pipeline.errors import ImageError
+from aicsd.errors import ImageError
 from pipeline.images import load_rgb, read_pages, to_rgb8
 
 LIMIT = 100_000_000

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from pipeline.errors import InputFileError, JobRejected, ParameterError
-from pipeline.job import SEED_EXAMPLE, Job, JobRequest, ModelParams, resolve_inside
+from aicsd.errors import InputFileError, JobRejected, ParameterError
+from aicsd.job import SEED_EXAMPLE, Job, JobRequest, ModelParams
+from serving.files import resolve_inside
 
 ALLOWED = frozenset({"job-repository", "task-launcher", "localhost", "127.0.0.1"})
 JOB_ID = "7c9fdbde-3b56-48af-a405-51d718cd9711"

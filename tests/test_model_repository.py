@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 
-from pipeline.errors import ModelError
+from aicsd.errors import ModelError
 from pipeline.model_repository import ModelInfo, ModelRepository
 
 from .tiny_models import channel_mean_classifier, identity_image, write_model

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from pipeline.recent_jobs import RecentJobs
+from serving.recent_jobs import RecentJobs
 
 
 class Clock:

@@ -308,7 +308,7 @@ class TestServiceSurface:
         assert client.get(f"{service.url}/readyz").status_code == 200
 
     def test_swagger_spec_offers_the_seed_request_as_the_example(self, service, client):
-        from pipeline.job import SEED_EXAMPLE
+        from aicsd.job import SEED_EXAMPLE
 
         spec = client.get(f"{service.url}/docs.json").json()
         body = spec["paths"]["/classify"]["post"]["requestBody"]["content"]["application/json"]["schema"]

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import SettingsError
-from pipeline.settings import Settings
+from aicsd.errors import SettingsError
+from serving.settings import Settings
 
 
 def test_defaults_match_the_design():

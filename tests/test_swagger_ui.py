@@ -45,7 +45,7 @@ def page(service):
 def test_classify_is_listed_with_the_seed_example_and_try_it_out_returns_200(
     page, service, aicsd, file_root, photos
 ):
-    from pipeline.job import SEED_EXAMPLE
+    from aicsd.job import SEED_EXAMPLE
 
     page.goto(f"{service.url}/", wait_until="networkidle")
     operation = page.locator(".opblock-post", has_text="/classify").first

@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from pipeline.http_client import HttpClient, HttpFailure
+from aicsd.transport import HttpClient, HttpFailure
 
 
 class Recorder(ThreadingHTTPServer):
