@@ -87,8 +87,8 @@ class AicsdPipeline:
     """Runs AiCSD jobs through OpenVINO pipelines from the model repository."""
 
     def __init__(self) -> None:
-        configure_logging()
         self.settings = Settings.from_env()
+        configure_logging(level=self.settings.log_level)
         self.repository = ModelRepository(
             self.settings.models_dir,
             device=self.settings.device,

@@ -1,154 +1,115 @@
-"""Service settings from environment variables, validated once at start-up.
+"""Service settings: `PIPELINE_*` environment variables, declared once and validated at start-up.
 
-Every variable has a documented default (see the README's configuration table). A bad value
-stops start-up with one `SettingsError` that lists every problem, so an operator fixes them
-all in one go instead of one per restart.
+Every variable has a documented default (the README's configuration table follows this class).
+A bad value stops start-up with one `SettingsError` that lists every problem, so an operator
+fixes them all in one go instead of one per restart.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
 
 from aicsd.callback_rules import parse_callback_hosts
-from aicsd.errors import SettingsError
+from aicsd.settings import DeclaredSettings, split_list
 
 __all__ = ["DEVICE_HINTS", "Settings"]
 
-T = TypeVar("T")
-
 DEVICE_HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
-def _default_cache_dir() -> str:
+def _default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return str(Path(base) / "aicsd-pipeline" / "openvino")
+    return Path(base) / "aicsd-pipeline" / "openvino"
 
 
-@dataclass(frozen=True)
-class Settings:
+class Settings(DeclaredSettings):
     """Validated service settings; build with `Settings.from_env()`."""
 
-    models_dir: Path
-    default_model: str
-    file_roots: tuple[Path, ...]
-    callback_hosts: frozenset[str]
-    device: str
-    performance_hint: str
-    cache_dir: Path | None
-    max_pixels: int
-    callback_tries: int
-    callback_backoff: float
-    callback_timeout: float
-    repeat_window: float
+    model_config = SettingsConfigDict(env_prefix="PIPELINE_")
+
+    models_dir: Path = Field(Path("models"), description="the model repository folder")
+    default_model: str = Field(
+        "efficientnet-lite0", description="model used when neither the task nor ModelParams names one"
+    )
+    file_roots: Annotated[tuple[Path, ...], NoDecode] = Field(
+        (Path("/tmp/files"),), description="':'-separated absolute folders that inputs and outputs must lie in"
+    )
+    callback_hosts: Annotated[frozenset[str], NoDecode] = Field(
+        frozenset({"job-repository", "task-launcher", "localhost", "127.0.0.1"}),
+        description="','-separated host or host:port entries allowed in callback URLs, or *",
+    )
+    device: str = Field("CPU", pattern=r"^[A-Za-z0-9.:,_()-]+$", description="OpenVINO device: CPU, GPU, AUTO, ...")
+    performance_hint: Literal["LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT"] = Field(
+        "THROUGHPUT", description="OpenVINO performance hint"
+    )
+    cache_dir: Path | None = Field(
+        default_factory=_default_cache_dir, description="compiled-model cache folder; empty disables it"
+    )
+    max_pixels: int = Field(100_000_000, gt=0, description="largest image (width x height) a job may bring")
+    callback_tries: int = Field(5, gt=0, description="attempts per AiCSD callback")
+    callback_backoff: float = Field(2.0, ge=0, allow_inf_nan=False, description="seconds before the 2nd attempt")
+    callback_timeout: float = Field(10.0, gt=0, allow_inf_nan=False, description="seconds per callback request")
+    repeat_window: float = Field(
+        900.0, ge=0, allow_inf_nan=False, description="seconds a reported job is remembered; 0 disables"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        "INFO", description="level of the service's own log lines"
+    )
 
     @property
     def any_callback_host(self) -> bool:
         return "*" in self.callback_hosts
 
+    @field_validator("models_dir", mode="before")
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        """Read every `PIPELINE_*` variable, collecting all problems before failing."""
-        env = os.environ if env is None else env
-        problems: list[str] = []
+    def _not_empty(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("must be a folder path")
+        return value
 
-        def get(name: str, default: str, convert: Callable[[str], T], rule: str) -> T | None:
-            raw = env.get(name, default).strip()
-            try:
-                return convert(raw)
-            except (ValueError, TypeError) as exc:
-                detail = f" ({exc})" if str(exc) else ""
-                problems.append(f"{name}={raw!r}: {rule}{detail}")
-                return None
+    @field_validator("default_model")
+    @classmethod
+    def _model_name(cls, value: str) -> str:
+        value = value.strip()
+        if not value or "/" in value or value in (".", ".."):
+            raise ValueError("must be a model directory name (no '/')")
+        return value
 
-        settings = dict(
-            models_dir=get("PIPELINE_MODELS_DIR", "models", _non_empty_path, "must be a directory path"),
-            default_model=get("PIPELINE_DEFAULT_MODEL", "efficientnet-lite0", _model_name,
-                              "must be a model directory name"),
-            file_roots=get("PIPELINE_FILE_ROOTS", "/tmp/files", _file_roots,
-                           "must be ':'-separated absolute directory paths"),
-            callback_hosts=get("PIPELINE_CALLBACK_HOSTS",
-                               "job-repository,task-launcher,localhost,127.0.0.1",
-                               parse_callback_hosts, "must be ','-separated host or host:port entries, or *"),
-            device=get("PIPELINE_DEVICE", "CPU", _device, "must be an OpenVINO device name such as CPU, GPU or AUTO"),
-            performance_hint=get("PIPELINE_PERFORMANCE_HINT", "THROUGHPUT", _hint,
-                                 "must be one of " + ", ".join(DEVICE_HINTS)),
-            cache_dir=get("PIPELINE_CACHE_DIR", _default_cache_dir(), _optional_path,
-                          "must be a directory path, or empty to disable the compiled-model cache"),
-            max_pixels=get("PIPELINE_MAX_PIXELS", "100000000", _positive_int, "must be a whole number above 0"),
-            callback_tries=get("PIPELINE_CALLBACK_TRIES", "5", _positive_int, "must be a whole number above 0"),
-            callback_backoff=get("PIPELINE_CALLBACK_BACKOFF", "2", _non_negative_float,
-                                 "must be a number of seconds, 0 or more"),
-            callback_timeout=get("PIPELINE_CALLBACK_TIMEOUT", "10", _positive_float,
-                                 "must be a number of seconds above 0"),
-            repeat_window=get("PIPELINE_REPEAT_WINDOW", "900", _non_negative_float,
-                              "must be a number of seconds, 0 to disable"),
-        )
-        if problems:
-            raise SettingsError(problems)
-        return cls(**settings)  # type: ignore[arg-type]
+    @field_validator("file_roots", mode="before")
+    @classmethod
+    def _file_roots(cls, value: Any) -> Any:
+        parts = split_list(value, ":")
+        if not parts:
+            raise ValueError("must name at least one absolute folder")
+        for part in parts:
+            if not Path(part).is_absolute():
+                raise ValueError(f"must be ':'-separated absolute folders; {str(part)!r} is not absolute")
+        return tuple(Path(p) for p in parts)
 
+    @field_validator("callback_hosts", mode="before")
+    @classmethod
+    def _callback_hosts(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return parse_callback_hosts(value)
+        return value
 
-def _non_empty_path(raw: str) -> Path:
-    if not raw:
-        raise ValueError("empty")
-    return Path(raw)
+    @field_validator("device", "performance_hint", "log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.strip().upper() if isinstance(value, str) else value
 
+    @field_validator("cache_dir", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
 
-def _optional_path(raw: str) -> Path | None:
-    return Path(raw) if raw else None
-
-
-def _model_name(raw: str) -> str:
-    if not raw or "/" in raw or raw in (".", ".."):
-        raise ValueError("not a plain directory name")
-    return raw
-
-
-def _file_roots(raw: str) -> tuple[Path, ...]:
-    parts = [p for p in raw.split(":") if p.strip()]
-    if not parts:
-        raise ValueError("no root given")
-    roots = []
-    for part in parts:
-        path = Path(part.strip())
-        if not path.is_absolute():
-            raise ValueError(f"{part!r} is not absolute")
-        roots.append(path)
-    return tuple(roots)
-
-
-def _device(raw: str) -> str:
-    if not raw or not all(c.isalnum() or c in ".:,_-()" for c in raw):
-        raise ValueError("not a device name")
-    return raw.upper()
-
-
-def _hint(raw: str) -> str:
-    if raw.upper() not in DEVICE_HINTS:
-        raise ValueError("unknown hint")
-    return raw.upper()
-
-
-def _positive_int(raw: str) -> int:
-    value = int(raw.replace("_", ""))
-    if value <= 0:
-        raise ValueError("not above 0")
-    return value
-
-
-def _positive_float(raw: str) -> float:
-    value = float(raw)
-    if not value > 0:
-        raise ValueError("not above 0")
-    return value
-
-
-def _non_negative_float(raw: str) -> float:
-    value = float(raw)
-    if not value >= 0:
-        raise ValueError("negative")
-    return value
+    @field_validator("max_pixels", "callback_tries", mode="before")
+    @classmethod
+    def _underscores(cls, value: Any) -> Any:
+        return value.replace("_", "") if isinstance(value, str) else value

@@ -62,3 +62,17 @@ def test_bad_callback_host_entries_are_refused(raw):
 
 def test_ipv6_callback_hosts_are_accepted():
     assert Settings.from_env({"PIPELINE_CALLBACK_HOSTS": "[::1]:8080,::1"}).callback_hosts == {"[::1]:8080", "::1"}
+
+
+def test_log_level_is_a_declared_setting():
+    assert Settings.from_env({"PIPELINE_LOG_LEVEL": "debug"}).log_level == "DEBUG"
+    with pytest.raises(SettingsError, match="PIPELINE_LOG_LEVEL='loud'"):
+        Settings.from_env({"PIPELINE_LOG_LEVEL": "loud"})
+
+
+def test_a_problem_names_the_variable_its_value_and_what_it_is_for():
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({"PIPELINE_CALLBACK_TIMEOUT": "0"})
+    (problem,) = info.value.problems
+    assert problem.startswith("PIPELINE_CALLBACK_TIMEOUT='0': ")
+    assert "greater than 0" in problem and "seconds per callback request" in problem
