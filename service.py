@@ -19,15 +19,16 @@ from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse
 
 with bentoml.importing():
-    from helper import AicsdClient, CallbackAnswer, CallbackReport, RetryPolicy, job_update_body
+    from aicsd.callbacks import AicsdClient, CallbackAnswer, RetryPolicy, job_update_body
     from aicsd.errors import JobRejected
     from aicsd.job import Job, JobRequest
     from aicsd.logs import configure_logging
     from pipeline.model_repository import ModelRepository
-    from aicsd.outcome import PipelineOutcome
-    from serving.recent_jobs import RecentJobs
+    from serving.jobs import JobHandler
+    from serving.ledger import JobLedger
     from serving.runner import PipelineRunner
     from serving.settings import Settings
+    from serving.task_pipeline import TaskPipelines
 
 log = logging.getLogger("service")
 
@@ -44,13 +45,16 @@ class JobResponse(BaseModel):
 
     JobId: str
     TaskId: str
-    Status: str
-    QCFlags: str
-    OutputFiles: list[dict[str, Any]]
-    Results: str
-    JobUpdate: CallbackResult
-    PipelineStatus: CallbackResult | None = Field(description="null when the job update was not accepted")
-    Repeated: bool = Field(description="true when this job was already reported and the stored answer is returned")
+    Status: str = Field(description="PipelineComplete or PipelineFailed; empty when the job was not run here")
+    QCFlags: str = ""
+    OutputFiles: list[dict[str, Any]] = Field(default_factory=list)
+    Results: str = ""
+    JobUpdate: CallbackResult | None = Field(None, description="null when no job update was sent")
+    PipelineStatus: CallbackResult | None = Field(None, description="null when the job update was not accepted")
+    Repeated: bool = Field(
+        False, description="true when the job came again: its stored outcome is used, the pipeline did not run again"
+    )
+    Note: str = Field("", description="why the job was not run: AiCSD unreachable, or left to another service")
 
 
 class PipelineListing(BaseModel):
@@ -104,12 +108,27 @@ class AicsdPipeline:
                 timeout=self.settings.callback_timeout,
             )
         )
-        self.recent: RecentJobs[tuple[PipelineOutcome, CallbackReport]] = RecentJobs(self.settings.repeat_window)
-        log.info("ready: models %s from %s", ", ".join(loaded) or "none", self.settings.models_dir.resolve())
+        self.ledger = JobLedger(self.settings.ledger, keep_reported=self.settings.repeat_window)
+        pruned = self.ledger.prune()
+        pipelines = TaskPipelines(
+            self.aicsd,
+            lookup=self.settings.task_lookup,
+            default_model=self.settings.default_model,
+            shared_topic=self.settings.shared_topic,
+            served=lambda: [entry.name for entry in self.repository.discover()],
+        )
+        self.jobs = JobHandler(self.runner, self.ledger, pipelines, self.aicsd)
+        log.info(
+            "ready: models %s from %s; ledger %s (%s, %d old entries forgotten); task look-up %s",
+            ", ".join(loaded) or "none", self.settings.models_dir.resolve(), self.settings.ledger,
+            ", ".join(f"{k}={v}" for k, v in sorted(self.ledger.counts().items())) or "empty", pruned,
+            "on" if self.settings.task_lookup else "off (ModelParams Model or the default model decides)",
+        )
 
     @bentoml.on_shutdown
     def close(self) -> None:
         self.aicsd.close()
+        self.ledger.close()
 
     @bentoml.api
     def classify(self, job: JobRequest, /, ctx: bentoml.Context) -> JobResponse:
@@ -122,27 +141,24 @@ class AicsdPipeline:
             ctx.response.status_code = exc.status_code
             return JSONResponse({"error": str(exc), "field": exc.field}, status_code=exc.status_code)  # type: ignore[return-value]
 
-        (outcome, report), repeated = self.recent.run_once(
-            parsed.key, lambda: self._process(parsed), keep=lambda done: done[1].delivered
-        )
-        if not report.delivered and report.retryable:
+        handled = self.jobs.handle(parsed)
+        if handled.later == "busy":
+            ctx.response.status_code = HTTPStatus.SERVICE_UNAVAILABLE
+        elif handled.retry_later:
             ctx.response.status_code = HTTPStatus.BAD_GATEWAY
-        body = job_update_body(outcome)
+        body = job_update_body(handled.outcome) if handled.outcome is not None else {}
         return JobResponse(
             JobId=parsed.job_id,
             TaskId=parsed.task_id,
-            Status=body["Status"],
-            QCFlags=body["QCFlags"],
-            OutputFiles=body["OutputFiles"],
-            Results=body["Results"],
-            JobUpdate=_callback(report.job_update),  # type: ignore[arg-type]
-            PipelineStatus=_callback(report.pipeline_status),
-            Repeated=repeated,
+            Status=body.get("Status", ""),
+            QCFlags=body.get("QCFlags", ""),
+            OutputFiles=body.get("OutputFiles", []),
+            Results=body.get("Results", ""),
+            JobUpdate=_callback(handled.job_update),
+            PipelineStatus=_callback(handled.pipeline_status),
+            Repeated=handled.repeated,
+            Note=handled.reason,
         )
-
-    def _process(self, job: Job) -> tuple[PipelineOutcome, CallbackReport]:
-        outcome = self.runner.run(job)
-        return outcome, self.aicsd.report(job.callbacks, outcome)
 
     @bentoml.api(route="/pipelines")
     def pipelines(self) -> list[PipelineListing]:

@@ -69,3 +69,10 @@ def parse_callback_hosts(raw: str) -> frozenset[str]:
         if not host:
             raise ValueError(f"{entry!r} has no host")
     return frozenset(entries)
+
+
+def task_url(pipeline_status_url: str) -> str:
+    """The task launcher's `GET /api/v1/task/<taskid>` for a job: same scheme, host and port as its
+    PipelineStatusUrl (AICSD_CONTRACT.md section 1)."""
+    parts, _, task_id = split_callback(pipeline_status_url, STATUS_PATH, "/api/v1/pipelineStatus")
+    return f"{parts.scheme}://{parts.netloc}/api/v1/task/{task_id}"

@@ -154,6 +154,13 @@ class AicsdClient:
             raise ValueError(f"pipeline status must be {COMPLETE} or {FAILED}, got {status!r}")
         return self._send("POST", url, status.encode("ascii"), "text/plain", job_log)
 
+    def get(
+        self, url: str, job_log: logging.LoggerAdapter | None = None  # type: ignore[type-arg]
+    ) -> tuple[CallbackAnswer, str]:
+        """GET a resource of AiCSD's (the task launcher's task), retried like the callbacks; the
+        answer and the whole text of the last response."""
+        return self._exchange("GET", url, b"", {}, job_log)
+
     def _send(
         self,
         method: str,
@@ -162,9 +169,19 @@ class AicsdClient:
         content_type: str,
         job_log: logging.LoggerAdapter | None,  # type: ignore[type-arg]
     ) -> CallbackAnswer:
+        return self._exchange(method, url, content, {"Content-Type": content_type}, job_log)[0]
+
+    def _exchange(
+        self,
+        method: str,
+        url: str,
+        content: bytes,
+        headers: Mapping[str, str],
+        job_log: logging.LoggerAdapter | None,  # type: ignore[type-arg]
+    ) -> tuple[CallbackAnswer, str]:
         out: logging.Logger | logging.LoggerAdapter = job_log or log  # type: ignore[type-arg]
-        headers = {"Content-Type": content_type}
         answer = CallbackAnswer(url, None, "", 0, "not attempted")
+        text = ""
         for attempt in range(1, self.policy.tries + 1):
             wait = self.policy.wait_before(attempt)
             if wait:
@@ -175,15 +192,16 @@ class AicsdClient:
                 answer = CallbackAnswer(url, None, "", attempt, str(exc))
                 out.warning("%s %s attempt %d/%d failed: %s", method, url, attempt, self.policy.tries, answer.error)
                 continue
-            answer = CallbackAnswer(url, response.status_code, response.text[:2000], attempt)
+            text = response.text
+            answer = CallbackAnswer(url, response.status_code, text[:2000], attempt)
             if answer.ok:
                 out.info("%s %s accepted (200) on attempt %d", method, url, attempt)
-                return answer
+                return answer, text
             out.warning(
                 "%s %s attempt %d/%d answered %d: %s",
                 method, url, attempt, self.policy.tries, response.status_code, answer.body.strip()[:300],
             )
             if not answer.retryable:
-                return answer
+                return answer, text
         out.error("%s %s gave up after %d attempts", method, url, answer.attempts)
-        return answer
+        return answer, text

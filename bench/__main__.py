@@ -370,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         started.append(sink)
         env = {"PIPELINE_FILE_ROOTS": str(files), "PIPELINE_CALLBACK_HOSTS": "127.0.0.1",
                "PIPELINE_MODELS_DIR": str(REPO / "models"), "PIPELINE_CACHE_DIR": str(work / "ov-cache"),
+               "PIPELINE_LEDGER": str(work / "ledger.sqlite3"),
                "PIPELINE_LOG_LEVEL": "WARNING"}
         service = serve_bento("service:AicsdPipeline", env=env, cwd=REPO, log_path=work / "service.log")
         stop_process(service.process)

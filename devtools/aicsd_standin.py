@@ -5,11 +5,13 @@ handlers do, so a callback that AiCSD would reject is rejected here too:
 
     PUT  /api/v1/job/pipeline/<jobid>/<taskid>    job repository: the job update (callback one)
     POST /api/v1/pipelineStatus/<jobid>/<taskid>  task launcher: the status (callback two)
+    GET  /api/v1/task/<taskid>                    task launcher: the task, with its PipelineId
 
 PUT: no Content-Length -> 400 (the real handler reads exactly Content-Length bytes); unknown job
 or task mismatch -> 400; a body that is not JSON of the right types -> 500 (field names match
 case-insensitively, unknown fields are ignored, null leaves a field empty as Go's encoding/json
 does); `Status` not exactly PipelineComplete/PipelineFailed -> 400; else 200.
+GET task: the task as the Go handler marshals it (Go field names), 500 for an unknown task id.
 POST: unknown job or task mismatch -> 400; body (trimmed, any case) not a status -> 400; not
 equal to the status stored by a successful PUT -> 400; else 200, after checking that every listed
 output file exists on disk (a missing one ends the job in error, as the file sender would).
@@ -33,6 +35,8 @@ log = logging.getLogger("aicsd_standin")
 STATUSES = ("PipelineComplete", "PipelineFailed")
 _PUT_PATH = re.compile(r"^/api/v1/job/pipeline/([^/]+)/([^/]+)/?$")
 _POST_PATH = re.compile(r"^/api/v1/pipelineStatus/([^/]+)/([^/]+)/?$")
+_TASK_PATH = re.compile(r"^/api/v1/task/([^/]+)$")
+DEFAULT_PIPELINE = "ovms/efficientnet-lite0"
 _FILE_STRING_FIELDS = ("dirname", "name", "extension", "status", "owner", "archivename", "viewable", "hostname")
 
 
@@ -139,8 +143,10 @@ class AicsdStandIn:
             raise ValueError("the stand-in binds to loopback addresses only")
         self.host = host
         self.port = port
-        self.auto_register = auto_register  # a job update for an unknown job registers it (load tests)
+        # Load tests: a job update for an unknown job registers it, an unknown task runs DEFAULT_PIPELINE.
+        self.auto_register = auto_register
         self._jobs: dict[str, JobState] = {}
+        self._tasks: dict[str, str] = {}
         self._requests: list[Recorded] = []
         self._by_job: dict[str, list[Recorded]] = {}
         self._faults: dict[tuple[str, str], _Fault] = {}
@@ -184,9 +190,11 @@ class AicsdStandIn:
 
     # --- test API ---------------------------------------------------------------------------
 
-    def register(self, job_id: str, task_id: str) -> JobUrls:
+    def register(self, job_id: str, task_id: str, pipeline: str = DEFAULT_PIPELINE) -> JobUrls:
+        """A job of a task whose pipeline is `pipeline` (the PipelineId, e.g. `ovms/cell-counter`)."""
         with self._changed:
             self._jobs[job_id] = JobState(job_id, task_id)
+            self._tasks[task_id] = pipeline
         return JobUrls(
             job_id,
             task_id,
@@ -194,16 +202,28 @@ class AicsdStandIn:
             f"{self.base_url}/api/v1/pipelineStatus/{job_id}/{task_id}",
         )
 
-    def new_job(self) -> JobUrls:
-        return self.register(str(uuid.uuid4()), str(uuid.uuid4()))
+    def new_job(self, pipeline: str = DEFAULT_PIPELINE) -> JobUrls:
+        """A job of a new task whose pipeline is `pipeline`."""
+        return self.register(str(uuid.uuid4()), str(uuid.uuid4()), pipeline)
+
+    def task_lookups(self, task_id: str) -> list[Recorded]:
+        """The GET requests for one task, in order."""
+        with self._changed:
+            return list(self._by_job.get(f"task:{task_id}", ()))
 
     def fail_next(self, job_id: str, *, kind: str, status_code: int = 500, times: int | None = 1) -> None:
-        """Answer the next `times` requests of `kind` ("put" or "status") for the job with `status_code`;
-        `times=None` means every one."""
-        if kind not in ("put", "status"):
-            raise ValueError("kind is 'put' or 'status'")
+        """Answer the next `times` requests of `kind` ("put" or "status" for the job id, "task" for
+        the task id given as `job_id`) with `status_code`; `times=None` means every one."""
+        if kind not in ("put", "status", "task"):
+            raise ValueError("kind is 'put', 'status' or 'task'")
         with self._changed:
             self._faults[(job_id, kind)] = _Fault(status_code, times)
+
+    def heal(self, key: str) -> None:
+        """Stop injecting faults for a job id (or a task id)."""
+        with self._changed:
+            for kind in ("put", "status", "task"):
+                self._faults.pop((key, kind), None)
 
     def requests_for(self, job_id: str) -> list[Recorded]:
         with self._changed:
@@ -272,6 +292,9 @@ class AicsdStandIn:
         if method == "GET" and path == "/_ended":
             ended = {j: state.ended_at for j, state in self._jobs.items() if state.ended_at is not None}
             return 200, json.dumps(ended), "", None
+        task_route = _TASK_PATH.match(path) if method == "GET" else None
+        if task_route is not None:
+            return (*self._task(task_route.group(1)), f"task:{task_route.group(1)}", None)
         route = _PUT_PATH.match(path) if method == "PUT" else _POST_PATH.match(path) if method == "POST" else None
         if route is None:
             return 404, "not found", "", None
@@ -298,6 +321,27 @@ class AicsdStandIn:
         if method == "PUT":
             return (*self._job_update(state, body), job_id, parsed)
         return (*self._status(state, body), job_id, parsed)
+
+    def _task(self, task_id: str) -> tuple[int, str]:
+        injected = self._fault(task_id, "task")
+        if injected is not None:
+            return injected, "injected fault"
+        pipeline = self._tasks.get(task_id)
+        if pipeline is None and self.auto_register:
+            pipeline = DEFAULT_PIPELINE
+        if pipeline is None:
+            # The task launcher answers 500 for an unknown id, as for a storage error.
+            return 500, f"failed to get task {task_id}"
+        task = {
+            "Id": task_id,
+            "Description": f"task of {pipeline}",
+            "JobSelector": "",
+            "PipelineId": pipeline,
+            "ResultFileFolder": "/tmp/files/output",
+            "ModelParameters": {"Brightness": "0"},
+            "LastUpdated": time.time_ns(),
+        }
+        return 200, json.dumps(task)
 
     def _job_update(self, state: JobState, body: bytes) -> tuple[int, str]:
         try:
@@ -355,7 +399,8 @@ class _Handler(BaseHTTPRequestHandler):
         code, answer, _ = self.owner.handle(self.command, self.path, headers, body)
         payload = answer.encode()
         self.send_response(code)
-        self.send_header("Content-Type", "text/plain")
+        is_task = self.command == "GET" and _TASK_PATH.match(self.path) is not None and code == 200
+        self.send_header("Content-Type", "application/json" if is_task else "text/plain")
         self.send_header("Content-Length", str(len(payload)))
         if self.close_connection:
             self.send_header("Connection", "close")

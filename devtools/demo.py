@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                     "PIPELINE_FILE_ROOTS": str(files),
                     "PIPELINE_CALLBACK_HOSTS": "127.0.0.1",
                     "PIPELINE_MODELS_DIR": str(REPO / "models"),
+                    "PIPELINE_LEDGER": str(work / "ledger.sqlite3"),
                 },
                 cwd=REPO,
                 log_path=logs / "service.log",

@@ -10,6 +10,8 @@ from typing import Protocol
 from aicsd.job import ModelParams
 from aicsd.outcome import PipelineOutcome
 
+from .output_files import FilesRecorder
+
 __all__ = ["Pipeline", "PipelineTask"]
 
 
@@ -21,6 +23,7 @@ class PipelineTask:
     output_folder: Path
     params: ModelParams
     log: logging.LoggerAdapter  # type: ignore[type-arg]
+    record_files: FilesRecorder | None = None
 
 
 class Pipeline(Protocol):

@@ -197,6 +197,7 @@ class CountingPipeline:
                 (f"{stem}-counted.tiff", lambda path: _write_annotated(path, pages, blobs)),
                 (f"{stem}-counts.csv", lambda path: _write_table(path, blobs)),
             ],
+            record=task.record_files,
         )
         results = {"CellCount": len(blobs), "Pages": per_page, "Model": self.model.name, **params.as_results()}
         return PipelineOutcome.complete(

@@ -11,16 +11,17 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from aicsd.errors import ModelError, PipelineError
+from aicsd.job import Job, ModelParams
 from aicsd.logs import JobLog
+from aicsd.outcome import PipelineOutcome
 from pipeline.base import Pipeline, PipelineTask
 from pipeline.classification import ClassificationPipeline
 from pipeline.counting import CountingPipeline
-from aicsd.errors import ModelError, PipelineError
-from aicsd.job import Job, ModelParams
+from pipeline.model_repository import CompiledModel, ModelRepository
+from pipeline.output_files import FilesRecorder
 
 from .files import resolve_inside
-from pipeline.model_repository import CompiledModel, ModelRepository
-from aicsd.outcome import PipelineOutcome
 from .settings import Settings
 
 __all__ = ["PIPELINE_KINDS", "PipelineRunner"]
@@ -85,8 +86,9 @@ class PipelineRunner:
     def model_name(self, params: ModelParams) -> str:
         return params.text("Model", self.settings.default_model)
 
-    def run(self, job: Job) -> PipelineOutcome:
-        """Run a job from the service: paths must lie inside the file roots. Never raises."""
+    def run(self, job: Job, *, model: str | None = None, record_files: FilesRecorder | None = None) -> PipelineOutcome:
+        """Run a job from the service with `model` (default: from its ModelParams): paths must lie
+        inside the file roots; `record_files` is told of output files before they are named. Never raises."""
         job_log = JobLog(log, job.job_id, job.task_id)
         job_log.info("received from gateway %s", job.gateway_ip or "(not given)")
 
@@ -97,9 +99,10 @@ class PipelineRunner:
                 output_folder=resolve_inside(job.output_folder, roots, "OutputFileFolder", want_dir=True),
                 params=job.params,
                 log=job_log,
+                record_files=record_files,
             )
 
-        return self._run(task, job.params, job_log)
+        return self._run(task, model or self.model_name(job.params), job_log)
 
     def run_local(self, input_file: Path, output_folder: Path, params: ModelParams) -> PipelineOutcome:
         """Run a pipeline on a local file with no file-root rule, for pipeline authors' CLI."""
@@ -108,14 +111,13 @@ class PipelineRunner:
         def task() -> PipelineTask:
             return PipelineTask(input_file, output_folder, params, job_log)
 
-        return self._run(task, params, job_log)
+        return self._run(task, self.model_name(params), job_log)
 
     def _run(
-        self, make_task: Callable[[], PipelineTask], params: ModelParams, job_log: logging.LoggerAdapter  # type: ignore[type-arg]
+        self, make_task: Callable[[], PipelineTask], model_name: str, job_log: logging.LoggerAdapter  # type: ignore[type-arg]
     ) -> PipelineOutcome:
         try:
             task = make_task()
-            model_name = self.model_name(params)
             job_log.info("running model %s on %s", model_name, task.input_file)
             outcome = self.pipeline(model_name).run(task)
         except PipelineError as exc:

@@ -28,6 +28,11 @@ def _default_cache_dir() -> Path:
     return Path(base) / "aicsd-pipeline" / "openvino"
 
 
+def _default_ledger() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "aicsd-pipeline" / "ledger.sqlite3"
+
+
 class Settings(DeclaredSettings):
     """Validated service settings; build with `Settings.from_env()`."""
 
@@ -56,7 +61,18 @@ class Settings(DeclaredSettings):
     callback_backoff: float = Field(2.0, ge=0, allow_inf_nan=False, description="seconds before the 2nd attempt")
     callback_timeout: float = Field(10.0, gt=0, allow_inf_nan=False, description="seconds per callback request")
     repeat_window: float = Field(
-        900.0, ge=0, allow_inf_nan=False, description="seconds a reported job is remembered; 0 disables"
+        604_800.0, ge=0, allow_inf_nan=False,
+        description="seconds the ledger keeps a reported job, so that it is answered, not run, if it comes again",
+    )
+    ledger: Path = Field(
+        default_factory=_default_ledger,
+        description="the job ledger (SQLite); put it on a volume that outlives the service",
+    )
+    task_lookup: bool = Field(
+        True, description="ask AiCSD's task launcher for the task's pipeline; off: ModelParams Model or the default"
+    )
+    shared_topic: bool = Field(
+        False, description="several services share the job topic: leave a job whose pipeline is not served here"
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
         "INFO", description="level of the service's own log lines"

@@ -70,6 +70,7 @@ def service(
         "PIPELINE_CALLBACK_BACKOFF": "0.05",
         "PIPELINE_CALLBACK_TIMEOUT": "5",
         "PIPELINE_CACHE_DIR": str(tmp_path_factory.mktemp("ov-cache")),
+        "PIPELINE_LEDGER": str(tmp_path_factory.mktemp("ledger") / "ledger.sqlite3"),
     }
     running = serve_bento("service:AicsdPipeline", env=env, cwd=REPO, log_path=log_path)
     try:

@@ -60,7 +60,8 @@ def start_bridge(started: list[Bridge], folder: Path, service_url: str, broker: 
 
 
 def job_payload(aicsd, image: Path, output: Path, **changes) -> tuple[object, dict]:
-    job = aicsd.new_job()
+    """A job of a task of the `tiny` pipeline, as AiCSD publishes it."""
+    job = aicsd.new_job("ovms/tiny")
     payload = {
         "InputFileLocation": str(image),
         "OutputFileFolder": str(output),
@@ -227,6 +228,7 @@ def test_service_down_for_20_seconds_jobs_are_delivered_when_it_returns(
         "PIPELINE_FILE_ROOTS": str(file_root),
         "PIPELINE_CALLBACK_HOSTS": "127.0.0.1",
         "PIPELINE_CACHE_DIR": "",
+        "PIPELINE_LEDGER": str(tmp_path / "late-ledger.sqlite3"),
     }
     late = serve_bento("service:AicsdPipeline", env=env, cwd=Path(__file__).resolve().parent.parent,
                  log_path=tmp_path / "late-service.log", port=port)

@@ -83,7 +83,8 @@ def test_built_bento_served_on_its_own_answers_the_seed_request_with_real_result
     elsewhere = tmp_path / "elsewhere"  # not the source tree: the bento must stand alone
     elsewhere.mkdir()
     env = {"BENTOML_HOME": str(home), "PIPELINE_FILE_ROOTS": str(files), "PIPELINE_CALLBACK_HOSTS": "127.0.0.1",
-           "PIPELINE_CACHE_DIR": str(tmp_path / "cache")}
+           "PIPELINE_CACHE_DIR": str(tmp_path / "cache"),
+           "PIPELINE_LEDGER": str(tmp_path / "ledger.sqlite3")}
     served = serve_bento(tag, env=env, cwd=elsewhere, log_path=tmp_path / "bento.log")
     try:
         job = aicsd.new_job()

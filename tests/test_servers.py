@@ -30,7 +30,8 @@ def test_stopping_bentoml_serve_ends_its_worker_too(tmp_path: Path, sig: int) ->
     running = serve_bento(
         "service:AicsdPipeline",
         env={"PIPELINE_MODELS_DIR": str(models), "PIPELINE_DEFAULT_MODEL": "tiny",
-             "PIPELINE_FILE_ROOTS": str(tmp_path), "PIPELINE_CACHE_DIR": ""},
+             "PIPELINE_FILE_ROOTS": str(tmp_path), "PIPELINE_CACHE_DIR": "",
+             "PIPELINE_LEDGER": str(tmp_path / "ledger.sqlite3")},
         cwd=REPO,
         log_path=ARTIFACTS / f"servers-{signal.Signals(sig).name}.log",
     )

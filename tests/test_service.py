@@ -26,7 +26,9 @@ COFFEE = (967, 968)
 
 
 def job_body(aicsd, input_file: Path, output: Path, **params: str):
-    job = aicsd.new_job()
+    """A job of a task whose pipeline is the `Model` parameter's (as a person picks it in AiCSD's UI),
+    or the default model's."""
+    job = aicsd.new_job(f"ovms/{params.get('Model', 'efficientnet-lite0')}")
     body = {
         "InputFileLocation": str(input_file),
         "OutputFileFolder": str(output),
@@ -175,7 +177,7 @@ class TestJobsThatFailAreReportedAsPipelineFailed:
         image = copy_into(file_root, photos["chelsea"], f"{uuid.uuid4()}.png")
         job, body = job_body(aicsd, image, file_root / "output", Model="no-such-model")
         reason = failed_job(aicsd, client, service, body, job)
-        assert "unknown model 'no-such-model'" in reason and "efficientnet-lite0" in reason
+        assert "ovms/no-such-model is not served" in reason and "ovms/efficientnet-lite0" in reason
 
     def test_model_directory_without_a_model(self, service, aicsd, client, file_root, photos):
         image = copy_into(file_root, photos["chelsea"], f"{uuid.uuid4()}.png")
@@ -274,8 +276,8 @@ class TestCallbacks:
         }
         response = classify(client, service, body)
         assert response.status_code == 502
-        assert response.json()["JobUpdate"]["StatusCode"] is None
-        assert response.json()["JobUpdate"]["Attempts"] == 5
+        assert response.json()["JobUpdate"] is None and response.json()["Status"] == ""
+        assert "task launcher could not tell the task's pipeline" in response.json()["Note"]
 
     def test_repeated_job_is_answered_from_memory_without_a_second_run_or_callback(
         self, service, aicsd, client, file_root, photos

@@ -19,7 +19,9 @@ def test_defaults_match_the_design():
     assert s.device == "CPU"
     assert s.max_pixels == 100_000_000
     assert (s.callback_tries, s.callback_backoff) == (5, 2.0)
-    assert s.repeat_window == 900
+    assert s.repeat_window == 7 * 86400
+    assert s.task_lookup is True and s.shared_topic is False
+    assert s.ledger.name == "ledger.sqlite3"
 
 
 def test_lists_are_split_and_cleaned():
