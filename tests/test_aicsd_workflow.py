@@ -174,3 +174,126 @@ class TestAJobThatComesAgain:
         second = classify(client, service, body_for(job, coffee, output)).json()
         assert second["Repeated"] is False and "espresso" in second["Results"]
         assert "espresso" not in first["Results"]
+
+
+class TestThroughTheBrokerAndTheBridge:
+    """AiCSD-shaped jobs published on the broker, as EdgeX does, through a real bridge process."""
+
+    @pytest.fixture
+    def broker(self, tmp_path: Path):
+        from devtools.servers import Broker, broker_kind
+
+        running = Broker(tmp_path / "broker", kind=broker_kind()).start()
+        try:
+            yield running
+        finally:
+            running.stop()
+
+    @staticmethod
+    def payload(job, image: Path, output: Path) -> str:
+        body = body_for(job, image, output)
+        del body["GatewayIP"]  # AiCSD does not send it; the bridge adds it
+        return json.dumps(body)
+
+    def test_the_service_killed_three_times_during_a_burst_of_100_jobs_reports_each_exactly_once(
+        self, broker, aicsd, service_models, file_root, tmp_path, output
+    ):
+        import signal
+
+        import numpy as np
+        from PIL import Image
+
+        from devtools.servers import REPO, Bridge, free_port, publish, serve_bento, stop_process
+        from serving.ledger import JobLedger
+
+        image = file_root / "input" / f"{uuid.uuid4()}.png"
+        Image.fromarray(np.full((16, 16, 3), (0, 0, 255), np.uint8)).save(image)
+        port, ledger_path = free_port(), tmp_path / "ledger.sqlite3"
+        env = {
+            "PIPELINE_MODELS_DIR": str(service_models),
+            "PIPELINE_DEFAULT_MODEL": "tiny",
+            "PIPELINE_FILE_ROOTS": str(file_root),
+            "PIPELINE_CALLBACK_HOSTS": "127.0.0.1",
+            "PIPELINE_CALLBACK_BACKOFF": "0.05",
+            "PIPELINE_CACHE_DIR": str(tmp_path / "cache"),
+            "PIPELINE_LEDGER": str(ledger_path),
+        }
+
+        def serve(round_: int):
+            return serve_bento("service:AicsdPipeline", env=env, cwd=REPO, port=port,
+                               log_path=tmp_path / f"service-{round_}.log")
+
+        running = serve(0)
+        bridge = Bridge(tmp_path / "bridge", f"http://127.0.0.1:{port}/classify", broker.port,
+                        client_id=f"bridge-{uuid.uuid4().hex[:8]}",
+                        extra={"bridge": {"retry_initial": 0.1, "retry_max": 0.5}}).start()
+        jobs = [aicsd.new_job("ovms/tiny") for _ in range(100)]
+        try:
+            publish(broker.port, [self.payload(job, image, output) for job in jobs])
+            for round_, reported in enumerate((15, 45, 75), start=1):
+                while sum(aicsd.job(j.job_id).ended is not None for j in jobs) < reported:
+                    import time
+
+                    time.sleep(0.02)
+                stop_process(running.process, signal.SIGKILL)
+                running = serve(round_)
+            for job in jobs:
+                aicsd.wait_for_status(job.job_id, timeout=120)
+        finally:
+            bridge.stop()
+            stop_process(running.process)
+
+        ledger = JobLedger(ledger_path, keep_reported=3600)
+        from aicsd.job import Job, JobRequest
+        from serving.ledger import job_digest
+
+        duplicated = []
+        for job in jobs:
+            accepted = [r.method for r in aicsd.requests_for(job.job_id) if r.status_code == 200]
+            if accepted != ["PUT", "POST"]:
+                parsed = Job.from_request(
+                    JobRequest.model_validate({**json.loads(self.payload(job, image, output))}), frozenset({"*"})
+                )
+                resent = ledger.resent((job.job_id, job.task_id, job_digest(parsed)))
+                duplicated.append((job.job_id, accepted, resent))
+        # Only the documented window may repeat a callback: a process killed after AiCSD accepted
+        # it and before the ledger noted the answer. The ledger names each such repeat.
+        outside_window = [d for d in duplicated if not d[2] or len(d[1]) - 2 > len(d[2])]
+        assert outside_window == [], outside_window
+        assert all(aicsd.job(j.job_id).ended == "complete" for j in jobs)
+
+    def test_aicsd_away_longer_than_the_callback_retries_each_job_runs_once_and_leaves_no_orphans(
+        self, broker, service, aicsd, file_root, photos, tmp_path, output
+    ):
+        import time
+
+        from devtools.servers import Bridge, publish
+
+        jobs = [aicsd.new_job("ovms/cell-counter") for _ in range(3)]
+        images = [copy_into(file_root, photos["coffee"], f"{uuid.uuid4()}.png") for _ in jobs]
+        for job in jobs:
+            aicsd.fail_next(job.job_id, kind="put", status_code=503, times=None)
+        bridge = Bridge(tmp_path / "bridge", f"{service.url}/classify", broker.port,
+                        client_id=f"bridge-{uuid.uuid4().hex[:8]}",
+                        extra={"bridge": {"retry_initial": 0.2, "retry_max": 0.5}}).start()
+        try:
+            publish(broker.port, [self.payload(job, image, output) for job, image in zip(jobs, images)])
+            # Three bridge attempts per job, each after the service's own five tries of the PUT.
+            deadline = time.monotonic() + 120
+            while any(len(aicsd.requests_for(j.job_id)) < 15 for j in jobs):
+                assert time.monotonic() < deadline, [len(aicsd.requests_for(j.job_id)) for j in jobs]
+                time.sleep(0.1)
+            for job in jobs:
+                aicsd.heal(job.job_id)
+            for job in jobs:
+                assert aicsd.wait_for_status(job.job_id, timeout=60).ended == "complete"
+        finally:
+            bridge.stop()
+        for job, image in zip(jobs, images):
+            assert runs_of(service, job.job_id) == 1
+            accepted = [r.method for r in aicsd.requests_for(job.job_id) if r.status_code == 200]
+            assert accepted == ["PUT", "POST"]
+            written = sorted(p.name for p in output.iterdir() if p.name.startswith(image.stem))
+            listed = [f["name"] for f in aicsd.job(job.job_id).output_files]
+            assert set(listed) <= set(written)
+            assert not [name for name in written if "-1." in name or name.endswith(".partial")], written
