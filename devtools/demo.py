@@ -23,8 +23,15 @@ from .aicsd_standin import AicsdStandIn
 from .servers import REPO, Bridge, Broker, broker_kind, publish, serve_bento, stop_process
 
 
-def sample_images(folder: Path) -> list[Path]:
-    """Real photos from scikit-image in the formats instruments produce, plus one broken file."""
+CLASSIFIER, COUNTER = "ovms/efficientnet-lite0", "ovms/cell-counter"
+
+
+def sample_images(folder: Path) -> list[tuple[Path, str]]:
+    """Real photos from scikit-image in the formats instruments produce, plus one broken file, for
+    a task of the classification pipeline; a synthetic fluorescence image for a task of the
+    counting pipeline. Each with the pipeline its task was created with in AiCSD's web UI."""
+    from .synthetic_blobs import make_image
+
     from skimage import data
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -36,14 +43,19 @@ def sample_images(folder: Path) -> list[Path]:
     tifffile.imwrite(paths[2], cat.astype(np.uint16) * 180 + 900, photometric="rgb")
     tifffile.imwrite(paths[3], np.stack([coffee[:300, :451], cat[:300, :451]]), photometric="rgb")
     paths[4].write_text("this file is not an image\n")
-    return paths
+    cells = folder / "cells-16bit.tiff"
+    tifffile.imwrite(cells, make_image(7, size=512, count=120).pixels)
+    return [*((path, CLASSIFIER) for path in paths), (cells, COUNTER)]
 
 
 def describe(results: str, status: str) -> str:
     if status != "PipelineComplete":
         return results
     try:
-        top = json.loads(results)["top"]
+        data = json.loads(results)
+        if "CellCount" in data:
+            return f"{data['CellCount']} cells (task of {COUNTER})"
+        top = data["top"]
     except (ValueError, KeyError, TypeError):
         return results
     return ", ".join(f"{t['label']} {t['score']:.2f}" for t in top[:3])
@@ -90,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"MQTT bridge      log in {bridge.log_path}\n")
 
             jobs = []
-            for image in images:
-                job = aicsd.new_job()
+            for image, pipeline in images:
+                job = aicsd.new_job(pipeline)  # a task created in AiCSD's web UI with this pipeline
                 jobs.append((image, job))
                 payload = {  # exactly what AiCSD publishes: no GatewayIP, the bridge adds it
                     "InputFileLocation": str(image),
