@@ -9,7 +9,9 @@
     JobRejected                   a request that cannot be run or reported at all (names the field);
                                   answered with HTTP 4xx and no callback is sent anywhere
 
-    CallbackError                 AiCSD did not accept a callback (after retries where allowed)
+    JobDeferred                   the job cannot be decided here and now; nothing is reported
+    ├── AicsdUnreachable          AiCSD could not be asked (task launcher): answered 502, tried later
+    └── NotServedHere             another service on the same topic serves the task's pipeline
 
     SettingsError                 bad service settings; stops start-up with every problem listed
 
@@ -20,11 +22,13 @@ The mapping of PipelineError to a PipelineFailed outcome lives in one place,
 from __future__ import annotations
 
 __all__ = [
-    "CallbackError",
     "ImageError",
+    "AicsdUnreachable",
     "InputFileError",
+    "JobDeferred",
     "JobRejected",
     "ModelError",
+    "NotServedHere",
     "ParameterError",
     "PipelineError",
     "SettingsError",
@@ -65,8 +69,16 @@ class JobRejected(Exception):
         self.status_code = status_code
 
 
-class CallbackError(Exception):
-    """AiCSD refused a callback or could not be reached."""
+class JobDeferred(Exception):
+    """The job cannot be decided here and now: no outcome is stored and AiCSD is told nothing."""
+
+
+class AicsdUnreachable(JobDeferred):
+    """AiCSD could not answer (unreachable, timed out, 5xx after the retries): try the job later."""
+
+
+class NotServedHere(JobDeferred):
+    """The task's pipeline is another service's (PIPELINE_SHARED_TOPIC): leave the job alone."""
 
 
 class SettingsError(Exception):

@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from aicsd.callbacks import AicsdClient, CallbackAnswer, job_update_body
-from aicsd.errors import PipelineError
+from aicsd.errors import AicsdUnreachable, NotServedHere
 from aicsd.job import Job
 from aicsd.logs import JobLog
 from aicsd.outcome import PipelineOutcome
 
 from .ledger import Claim, JobLedger, LedgerBusy, State, job_digest
 from .runner import PipelineRunner
-from .task_pipeline import AicsdUnreachable, TaskPipelines
+from .task_pipeline import TaskPipelines
 
 __all__ = ["Handled", "JobHandler"]
 
@@ -105,20 +105,18 @@ class JobHandler:
 
     def _run(self, job: Job, key: tuple[str, str, str], job_log: JobLog) -> PipelineOutcome:
         try:
-            choice = self.pipelines.choose(job, job_log)
+            return self.runner.run(
+                job,
+                model=lambda: self.pipelines.choose(job, job_log),
+                record_files=lambda files: self.ledger.files_written(key, files),
+            )
         except AicsdUnreachable as exc:
             job_log.warning("%s; answered 502 so that it is tried later", exc)
             self.ledger.release(key)
             raise _Later(Handled(later="aicsd", reason=str(exc))) from None
-        except PipelineError as exc:
-            job_log.warning("pipeline failed: %s", exc)
-            return PipelineOutcome.failed(str(exc))
-        if choice.model is None:
+        except NotServedHere as exc:
             self.ledger.release(key)
-            raise _Later(Handled(not_here=True, reason=choice.not_here or ""))
-        return self.runner.run(
-            job, model=choice.model, record_files=lambda files: self.ledger.files_written(key, files)
-        )
+            raise _Later(Handled(not_here=True, reason=str(exc))) from None
 
     def _report(
         self,

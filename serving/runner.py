@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from aicsd.errors import ModelError, PipelineError
+from aicsd.errors import JobDeferred, ModelError, PipelineError
 from aicsd.job import Job, ModelParams
 from aicsd.logs import JobLog
 from aicsd.outcome import PipelineOutcome
@@ -86,9 +86,15 @@ class PipelineRunner:
     def model_name(self, params: ModelParams) -> str:
         return params.text("Model", self.settings.default_model)
 
-    def run(self, job: Job, *, model: str | None = None, record_files: FilesRecorder | None = None) -> PipelineOutcome:
-        """Run a job from the service with `model` (default: from its ModelParams): paths must lie
-        inside the file roots; `record_files` is told of output files before they are named. Never raises."""
+    def run(
+        self, job: Job, *, model: Callable[[], str] | None = None, record_files: FilesRecorder | None = None
+    ) -> PipelineOutcome:
+        """Run a job from the service: paths must lie inside the file roots.
+
+        `model` names the model to run (default: ModelParams `Model`, else the default model); a
+        `PipelineError` it raises fails the job like any other. `record_files` is told of output
+        files before they get their names. Only exceptions that are not `PipelineError` escape.
+        """
         job_log = JobLog(log, job.job_id, job.task_id)
         job_log.info("received from gateway %s", job.gateway_ip or "(not given)")
 
@@ -102,7 +108,7 @@ class PipelineRunner:
                 record_files=record_files,
             )
 
-        return self._run(task, model or self.model_name(job.params), job_log)
+        return self._run(task, model or (lambda: self.model_name(job.params)), job_log)
 
     def run_local(self, input_file: Path, output_folder: Path, params: ModelParams) -> PipelineOutcome:
         """Run a pipeline on a local file with no file-root rule, for pipeline authors' CLI."""
@@ -111,18 +117,24 @@ class PipelineRunner:
         def task() -> PipelineTask:
             return PipelineTask(input_file, output_folder, params, job_log)
 
-        return self._run(task, self.model_name(params), job_log)
+        return self._run(task, lambda: self.model_name(params), job_log)
 
     def _run(
-        self, make_task: Callable[[], PipelineTask], model_name: str, job_log: logging.LoggerAdapter  # type: ignore[type-arg]
+        self,
+        make_task: Callable[[], PipelineTask],
+        model: Callable[[], str],
+        job_log: logging.LoggerAdapter,  # type: ignore[type-arg]
     ) -> PipelineOutcome:
         try:
+            model_name = model()
             task = make_task()
             job_log.info("running model %s on %s", model_name, task.input_file)
             outcome = self.pipeline(model_name).run(task)
         except PipelineError as exc:
             job_log.warning("pipeline failed: %s", exc)
             return PipelineOutcome.failed(str(exc))
+        except JobDeferred:
+            raise
         except Exception:
             job_log.exception("pipeline crashed")
             return PipelineOutcome.failed("internal error in the pipeline service; see its log")

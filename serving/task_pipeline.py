@@ -13,29 +13,18 @@ import json
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from aicsd.callback_rules import task_url
 from aicsd.callbacks import AicsdClient
-from aicsd.errors import ModelError
+from aicsd.errors import AicsdUnreachable, ModelError, NotServedHere
 from aicsd.job import Job
 from aicsd.logs import JobLog
 
-__all__ = ["AicsdUnreachable", "ModelChoice", "TaskPipelines"]
+__all__ = ["TaskPipelines"]
 
 OVMS_PREFIX = "ovms/"
 
 
-class AicsdUnreachable(Exception):
-    """AiCSD could not answer (unreachable, timed out, 5xx after the retries): try the job later."""
-
-
-@dataclass(frozen=True)
-class ModelChoice:
-    """The model to run the job with, or why this service leaves the job to another one."""
-
-    model: str | None
-    not_here: str | None = None
 
 
 class TaskPipelines:
@@ -60,15 +49,16 @@ class TaskPipelines:
         self._known: OrderedDict[str, str] = OrderedDict()
         self._lock = threading.Lock()
 
-    def choose(self, job: Job, job_log: JobLog) -> ModelChoice:
+    def choose(self, job: Job, job_log: JobLog) -> str:
         """The model for `job`.
 
         Raises `ModelError` (the job fails, naming why) for a disagreement or a pipeline this
-        service does not serve, and `AicsdUnreachable` when the task launcher cannot answer.
+        service does not serve, `NotServedHere` for a pipeline another service on the same topic
+        serves, and `AicsdUnreachable` when the task launcher cannot answer.
         """
         asked = job.params.text("Model", "")
         if not self.lookup:
-            return ModelChoice(asked or self.default_model)
+            return asked or self.default_model
         pipeline_id = self.pipeline_id(job, job_log)
         if not pipeline_id.startswith(OVMS_PREFIX) or not pipeline_id[len(OVMS_PREFIX):]:
             return self._elsewhere(f"the task's pipeline {pipeline_id!r} is not an OVMS pipeline", job_log)
@@ -84,12 +74,12 @@ class TaskPipelines:
             return self._elsewhere(
                 f"pipeline {pipeline_id} is not served by this service (it serves: {listing})", job_log
             )
-        return ModelChoice(model)
+        return model
 
-    def _elsewhere(self, reason: str, job_log: JobLog) -> ModelChoice:
+    def _elsewhere(self, reason: str, job_log: JobLog) -> str:
         if self.shared_topic:
             job_log.info("%s; left for the service that serves it (PIPELINE_SHARED_TOPIC)", reason)
-            return ModelChoice(None, not_here=reason)
+            raise NotServedHere(reason)
         raise ModelError(reason)
 
     def pipeline_id(self, job: Job, job_log: JobLog) -> str:

@@ -297,3 +297,34 @@ class TestThroughTheBrokerAndTheBridge:
             listed = [f["name"] for f in aicsd.job(job.job_id).output_files]
             assert set(listed) <= set(written)
             assert not [name for name in written if "-1." in name or name.endswith(".partial")], written
+
+
+def test_with_a_shared_topic_a_job_of_a_pipeline_served_elsewhere_is_left_alone(
+    aicsd, client, service_models, file_root, photos, tmp_path, output
+):
+    from devtools.servers import REPO, serve_bento, stop_process
+
+    only_tiny = tmp_path / "models"
+    only_tiny.mkdir()
+    (only_tiny / "tiny").symlink_to(service_models / "tiny", target_is_directory=True)
+    running = serve_bento(
+        "service:AicsdPipeline",
+        env={"PIPELINE_MODELS_DIR": str(only_tiny), "PIPELINE_DEFAULT_MODEL": "tiny",
+             "PIPELINE_FILE_ROOTS": str(file_root), "PIPELINE_CALLBACK_HOSTS": "127.0.0.1",
+             "PIPELINE_SHARED_TOPIC": "true", "PIPELINE_CACHE_DIR": "",
+             "PIPELINE_LEDGER": str(tmp_path / "ledger.sqlite3")},
+        cwd=REPO, log_path=tmp_path / "shared-service.log",
+    )
+    try:
+        image = copy_into(file_root, photos["coffee"], f"{uuid.uuid4()}.png")
+        elsewhere = aicsd.new_job("ovms/cell-counter")
+        left = client.post(f"{running.url}/classify", json=body_for(elsewhere, image, output))
+        assert left.status_code == 200
+        assert left.json()["Status"] == "" and "ovms/cell-counter is not served" in left.json()["Note"]
+        assert aicsd.requests_for(elsewhere.job_id) == []
+        ours = aicsd.new_job("ovms/tiny")
+        served = client.post(f"{running.url}/classify", json=body_for(ours, image, output))
+        assert served.json()["Status"] == "PipelineComplete"
+    finally:
+        stop_process(running.process)
+    assert "left for the service that serves it" in running.log_text()

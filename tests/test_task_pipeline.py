@@ -11,7 +11,8 @@ from aicsd.errors import ModelError
 from aicsd.job import Job, JobRequest
 from aicsd.logs import JobLog
 from devtools.aicsd_standin import AicsdStandIn
-from serving.task_pipeline import AicsdUnreachable, ModelChoice, TaskPipelines
+from aicsd.errors import AicsdUnreachable, NotServedHere
+from serving.task_pipeline import TaskPipelines
 
 SERVED = ["efficientnet-lite0", "cell-counter"]
 
@@ -45,22 +46,22 @@ def job_of(urls, **params: str) -> tuple[Job, JobLog]:
 
 def test_the_task_launchers_pipeline_id_picks_the_model(standin, aicsd_client):
     job, job_log = job_of(standin.new_job("ovms/cell-counter"))
-    assert chooser(aicsd_client).choose(job, job_log) == ModelChoice("cell-counter")
+    assert chooser(aicsd_client).choose(job, job_log) == "cell-counter"
 
 
 def test_with_the_look_up_off_model_params_or_the_default_decide_and_nothing_is_asked(standin, aicsd_client):
     urls = standin.new_job("ovms/cell-counter")
     job, job_log = job_of(urls)
-    assert chooser(aicsd_client, lookup=False).choose(job, job_log) == ModelChoice("efficientnet-lite0")
+    assert chooser(aicsd_client, lookup=False).choose(job, job_log) == "efficientnet-lite0"
     named, _ = job_of(urls, Model="tiny")
-    assert chooser(aicsd_client, lookup=False).choose(named, job_log) == ModelChoice("tiny")
+    assert chooser(aicsd_client, lookup=False).choose(named, job_log) == "tiny"
     assert standin.task_lookups(urls.task_id) == []
 
 
 def test_a_pipeline_served_elsewhere_is_left_alone_when_services_share_the_topic(standin, aicsd_client):
     job, job_log = job_of(standin.new_job("ovms/other-model"))
-    choice = chooser(aicsd_client, shared_topic=True).choose(job, job_log)
-    assert choice.model is None and "ovms/other-model is not served" in (choice.not_here or "")
+    with pytest.raises(NotServedHere, match="ovms/other-model is not served"):
+        chooser(aicsd_client, shared_topic=True).choose(job, job_log)
     with pytest.raises(ModelError, match="ovms/other-model is not served"):
         chooser(aicsd_client).choose(job, job_log)
 
