@@ -101,7 +101,7 @@ class JobHandler:
                 self.ledger.release(key)
                 raise
             finally:
-                self.ledger.finish(key)
+                self.ledger.finish(key)  # a no-op write once the status was accepted
 
     def _run(self, job: Job, key: tuple[str, str, str], job_log: JobLog) -> PipelineOutcome:
         try:
@@ -132,7 +132,6 @@ class JobHandler:
     ) -> Handled:
         """Send the callbacks AiCSD has not accepted yet: the job update first, the status second."""
         if state is State.COMPUTED:
-            self.ledger.sending(key, "job_update")
             update = self.aicsd.put_job_update(job.callbacks.job_update, job_update_body(outcome), job_log)
             self.ledger.answered(key, "job_update", update)
             if not update.ok:
@@ -140,7 +139,6 @@ class JobHandler:
                 return Handled(outcome, update, None, repeated=repeated)
             state = State.UPDATE_ACCEPTED
         if state is State.UPDATE_ACCEPTED:
-            self.ledger.sending(key, "pipeline_status")
             status = self.aicsd.post_status(job.callbacks.pipeline_status, outcome.status, job_log)
             self.ledger.answered(key, "pipeline_status", status)
         return Handled(outcome, update, status, repeated=repeated)

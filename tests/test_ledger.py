@@ -50,6 +50,16 @@ def test_a_new_job_is_run_then_reported_then_answered_from_the_ledger(tmp_path):
     assert final.job_update == ACCEPTED and final.pipeline_status == ACCEPTED
 
 
+def test_a_job_left_between_callbacks_by_its_own_finished_handler_is_not_marked_resent(tmp_path):
+    ledger = ledger_at(tmp_path)
+    ledger.claim(KEY)
+    ledger.computed(KEY, outcome(tmp_path))
+    ledger.answered(KEY, "job_update", REFUSED)
+    ledger.finish(KEY)
+    ledger.claim(KEY)
+    assert ledger.resent(KEY) == []
+
+
 def test_a_refused_callback_leaves_it_to_be_sent_again_and_an_accepted_one_is_not(tmp_path):
     ledger = ledger_at(tmp_path)
     ledger.claim(KEY)
@@ -154,8 +164,7 @@ def test_a_crash_mid_write_leaves_no_temporary_behind_after_the_rerun(tmp_path):
 def test_a_callback_in_flight_when_its_process_died_is_sent_again_and_marked(tmp_path):
     ledger = ledger_at(tmp_path)
     ledger.claim(KEY)
-    ledger.computed(KEY, outcome(tmp_path))
-    ledger.sending(KEY, "job_update")
+    ledger.computed(KEY, outcome(tmp_path))  # the job update goes out next
     ledger.close()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -169,6 +178,10 @@ def test_a_callback_in_flight_when_its_process_died_is_sent_again_and_marked(tmp
     entry = again.claim(KEY)
     assert entry.claim is Claim.REPORT and entry.state is State.COMPUTED
     assert again.resent(KEY) == ["job_update"]
+    again.answered(KEY, "job_update", ACCEPTED)
+    again.finish(KEY)
+    assert again.claim(KEY).state is State.UPDATE_ACCEPTED
+    assert again.resent(KEY) == ["job_update"]  # this process is alive: nothing is marked again
 
 
 def test_same_ids_with_other_content_is_another_job():
