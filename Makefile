@@ -18,7 +18,7 @@ GATEWAY_FILES ?= $(HOME)/data/gateway-files
 export BENTOML_DO_NOT_TRACK := True
 
 .DEFAULT_GOAL := help
-.PHONY: help setup models serve test demo bench clean build docker-build-bento docker-build run down \
+.PHONY: help setup models serve test lint demo bench clean build docker-build-bento docker-build run down \
         docker-down-bento docker-build-mqtt-client run-mqtt-client docker-down-mqtt-client
 
 # The reference's usage message when BENTO_TAG is missing; $(1) is the make command to show.
@@ -60,6 +60,10 @@ demo: setup ## Run broker, service, bridge and an AiCSD stand-in on sample image
 
 test: setup ## Run the test suite
 	$(PY) -m pytest
+
+lint: $(VENV)/.installed ## Check style (ruff) and types (mypy; strict for aicsd/ and the bridge)
+	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 bench: setup ## Measure the whole chain against benchmark_app (about 3 min; BENCH_ARGS=--soak for 10,000 jobs)
 	$(PY) -m bench $(BENCH_ARGS)

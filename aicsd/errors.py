@@ -22,8 +22,8 @@ The mapping of PipelineError to a PipelineFailed outcome lives in one place,
 from __future__ import annotations
 
 __all__ = [
-    "ImageError",
     "AicsdUnreachable",
+    "ImageError",
     "InputFileError",
     "JobDeferred",
     "JobRejected",

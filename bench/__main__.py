@@ -117,11 +117,11 @@ def pipeline_alone(inputs: dict[str, list[Path]], seconds: float, concurrency: i
 
 def counting_stages(inputs: dict[str, list[Path]], out: Path, repeats: int) -> list[Figure]:
     """A 2048x2048 16-bit image through the counting pipeline: reading, the model, the whole job."""
+    from aicsd.job import ModelParams
     from aicsd.logs import JobLog
     from pipeline.base import PipelineTask
     from pipeline.counting import CountingParams, CountingPipeline, _gray, page_quality
     from pipeline.images import read_pages
-    from aicsd.job import ModelParams
     from pipeline.model_repository import ModelRepository
 
     model = ModelRepository(REPO / "models", cache_dir=None).get("cell-counter")
@@ -322,7 +322,7 @@ def chart(figures: list[Figure], limit: float, path: Path) -> None:
     low = max(0.1, min((v.min() for v in values), default=1.0))
     high = max((v.max() for v in values), default=10.0)
     bins = np.logspace(np.log10(low), np.log10(max(high, low * 10)), 60)
-    for f, v in zip(shown, values):
+    for f, v in zip(shown, values, strict=True):
         right.hist(v, bins=bins, alpha=0.55, label=f"{f.stage}: {f.setting}")
     right.set_xscale("log")
     right.set_xlabel("latency (ms, log scale)")

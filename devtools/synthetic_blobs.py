@@ -38,7 +38,7 @@ def make_image(
     centres: list[tuple[float, float]] = []
 
     def free(x: float, y: float, radius: float, ignore: int = -1) -> bool:
-        for i, ((cx, cy), s) in enumerate(zip(centres, sigmas)):
+        for i, ((cx, cy), s) in enumerate(zip(centres, sigmas, strict=True)):
             if i != ignore and math.hypot(cx - x, cy - y) < (radius + math.sqrt(2) * s) * 1.6:
                 return False
         return True
@@ -70,9 +70,9 @@ def make_image(
     full = 4000.0 if bits == 16 else 180.0
     background = full * (0.08 + 0.05 * xx / size + 0.04 * np.sin(yy / size * 3.0))
     signal = np.zeros((size, size), np.float32)
-    for (x, y), s in zip(centres, sigmas):
+    for (x, y), s in zip(centres, sigmas, strict=True):
         amplitude = full * rng.uniform(0.3, 1.0)
-        r = int(math.ceil(4 * s))
+        r = math.ceil(4 * s)
         y0, y1, x0, x1 = max(0, int(y) - r), min(size, int(y) + r + 1), max(0, int(x) - r), min(size, int(x) + r + 1)
         signal[y0:y1, x0:x1] += amplitude * np.exp(
             -((yy[y0:y1, x0:x1] - y) ** 2 + (xx[y0:y1, x0:x1] - x) ** 2) / (2 * s * s)

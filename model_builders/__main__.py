@@ -26,7 +26,9 @@ BUILDERS: dict[str, Callable[[Path], Path]] = {
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m model_builders", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models-dir", type=Path, default=Path("models"), help="the model repository (default: models)")
+    parser.add_argument(
+        "--models-dir", type=Path, default=Path("models"), help="the model repository (default: models)"
+    )
     parser.add_argument("--only", choices=sorted(BUILDERS), help="build just this model")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

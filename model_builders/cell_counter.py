@@ -11,6 +11,7 @@ into blob centres and diameters (diameter = 2 * sqrt(2) * sigma).
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -37,7 +38,7 @@ def dog_sigmas() -> list[float]:
 
 def _kernel(sigma: float, step: int) -> np.ndarray:
     """A normalised Gaussian sampled every `step` pixels, out to TRUNCATE * sigma."""
-    radius = max(1, int(math.ceil(TRUNCATE * sigma / step)))
+    radius = max(1, math.ceil(TRUNCATE * sigma / step))
     x = np.arange(-radius, radius + 1, dtype=np.float64) * step
     k = np.exp(-0.5 * (x / sigma) ** 2)
     return (k / k.sum()).astype(np.float32)
@@ -58,7 +59,7 @@ def _blur(image: ov.Node, sigma: float, step: int) -> ov.Node:
 def min_image_side() -> int:
     """Reflect padding needs images larger than the widest blur's padding."""
     widest = 0
-    for previous, sigma in zip(SIGMAS, SIGMAS[1:]):
+    for previous, sigma in itertools.pairwise(SIGMAS):
         step = max(1, int(previous // 2))
         widest = max(widest, (_kernel(math.sqrt(sigma**2 - previous**2), step).size - 1) // 2 * step)
     return widest + 1
@@ -74,11 +75,11 @@ def build_cell_counter() -> ov.Model:
     threshold = ops.parameter([], np.float32, name="threshold")
     # A cascade: each blur adds the variance the next scale needs to the previous blur.
     blurs = [_blur(image, SIGMAS[0], 1)]
-    for previous, sigma in zip(SIGMAS, SIGMAS[1:]):
+    for previous, sigma in itertools.pairwise(SIGMAS):
         blurs.append(_blur(blurs[-1], math.sqrt(sigma**2 - previous**2), max(1, int(previous // 2))))
     # G(s) - G(s*sqrt2) ~ (sqrt2 - 1) * s^2 * (-Laplacian): divide by (sqrt2 - 1) to compare scales.
     norm = np.float32(1.0 / (SCALE_STEP - 1.0))
-    response = ops.concat([ops.multiply(ops.subtract(a, b), norm) for a, b in zip(blurs, blurs[1:])], 1)
+    response = ops.concat([ops.multiply(ops.subtract(a, b), norm) for a, b in itertools.pairwise(blurs)], 1)
     # Local maxima in space at each scale. (Maxima in scale too would lose the weaker of two
     # touching blobs, whose own scale is dominated by the pair's joint response; the pipeline
     # keeps the strongest scale of each blob instead.)

@@ -24,10 +24,13 @@ def set_model_info(model: ov.Model, info: Mapping[str, str]) -> ov.Model:
 def write_ir(build: Callable[[], ov.Model], out_dir: Path, sources: Iterable[Path]) -> Path:
     """`out_dir/model.xml` (+ .bin), rebuilt only when older than any of `sources`."""
     target = out_dir / "model.xml"
-    if target.is_file() and target.with_suffix(".bin").is_file():
-        if target.stat().st_mtime >= max(source.stat().st_mtime for source in sources):
-            log.info("%s is up to date", target)
-            return target
+    if (
+        target.is_file()
+        and target.with_suffix(".bin").is_file()
+        and target.stat().st_mtime >= max(source.stat().st_mtime for source in sources)
+    ):
+        log.info("%s is up to date", target)
+        return target
     out_dir.mkdir(parents=True, exist_ok=True)
     partial = out_dir / f".model-{os.getpid()}.xml"
     ov.save_model(build(), partial, compress_to_fp16=False)

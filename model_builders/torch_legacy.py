@@ -70,7 +70,9 @@ class _TensorRef:
         return np.ascontiguousarray(view)
 
 
-def _rebuild_tensor(storage: _Storage, offset: int, shape: tuple[int, ...], stride: tuple[int, ...], *_: Any) -> _TensorRef:
+def _rebuild_tensor(
+    storage: _Storage, offset: int, shape: tuple[int, ...], stride: tuple[int, ...], *_: Any
+) -> _TensorRef:
     return _TensorRef(storage, int(offset), tuple(shape), tuple(stride))
 
 

@@ -277,7 +277,7 @@ class TestThroughTheBrokerAndTheBridge:
                         client_id=f"bridge-{uuid.uuid4().hex[:8]}",
                         extra={"bridge": {"retry_initial": 0.2, "retry_max": 0.5}}).start()
         try:
-            publish(broker.port, [self.payload(job, image, output) for job, image in zip(jobs, images)])
+            publish(broker.port, [self.payload(job, image, output) for job, image in zip(jobs, images, strict=True)])
             # Three bridge attempts per job, each after the service's own five tries of the PUT.
             deadline = time.monotonic() + 120
             while any(len(aicsd.requests_for(j.job_id)) < 15 for j in jobs):
@@ -289,7 +289,7 @@ class TestThroughTheBrokerAndTheBridge:
                 assert aicsd.wait_for_status(job.job_id, timeout=60).ended == "complete"
         finally:
             bridge.stop()
-        for job, image in zip(jobs, images):
+        for job, image in zip(jobs, images, strict=True):
             assert runs_of(service, job.job_id) == 1
             accepted = [r.method for r in aicsd.requests_for(job.job_id) if r.status_code == 200]
             assert accepted == ["PUT", "POST"]

@@ -22,7 +22,8 @@ def test_demo_shows_real_results_for_every_sample_and_stops_everything(efficient
     )
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
-    outcome = {line.split()[0]: line for line in lines if line.split() and line.split()[0].endswith((".jpg", ".png", ".tiff"))}
+    images = (".jpg", ".png", ".tiff")
+    outcome = {line.split()[0]: line for line in lines if line.split() and line.split()[0].endswith(images)}
     assert "espresso" in outcome["coffee.png"] and "PipelineComplete" in outcome["coffee.png"]
     assert "cat" in outcome["chelsea-16bit.tiff"]
     assert "PipelineFailed" in outcome["not-an-image.tiff"]

@@ -7,11 +7,10 @@ import logging
 import pytest
 
 from aicsd.callbacks import AicsdClient, RetryPolicy
-from aicsd.errors import ModelError
+from aicsd.errors import AicsdUnreachable, ModelError, NotServedHere
 from aicsd.job import Job, JobRequest
 from aicsd.logs import JobLog
 from devtools.aicsd_standin import AicsdStandIn
-from aicsd.errors import AicsdUnreachable, NotServedHere
 from serving.task_pipeline import TaskPipelines
 
 SERVED = ["efficientnet-lite0", "cell-counter"]
