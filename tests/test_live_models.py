@@ -217,6 +217,7 @@ def test_a_removed_model_is_no_longer_listed_nor_served(watched, folders, aicsd,
     watched.wait_listed("leaving", "leaving version 1")
     shutil.rmtree(shared / "leaving")
     removed_at = watched.poll()
+    # Look removed_at+2 began after the removal: it no longer finds the model.
     assert watched.wait_listed("leaving", None) <= removed_at + 2
     image = copy_into(file_root, photos["chelsea"], f"{uuid.uuid4()}.png")
     with httpx.Client(timeout=60, trust_env=False) as http:
@@ -253,3 +254,50 @@ def test_a_name_in_both_folders_is_served_from_the_first(watched, folders, aicsd
         answer = post_job(http, watched, aicsd, image, file_root / "output", "base")
     assert json.loads(answer["Results"])["top"][0]["label"] == "own1"
     assert watched.service.log_text().count(f"model base is in {own / 'base'} and in {shared / 'base'}") == 1
+
+
+@pytest.fixture(scope="module")
+def without_default(tmp_path_factory, file_root) -> Iterator[tuple[Watched, Path]]:
+    """A service whose default model is not there, started with BENTOML_CONFIG naming a copy of
+    bentoml.yaml that turns Prometheus metrics on."""
+    models = tmp_path_factory.mktemp("no-default-models")
+    ballast_classifier("a b c", models / "other" / "1")
+    config = tmp_path_factory.mktemp("config") / "bentoml-metrics.yaml"
+    text = (REPO / "bentoml.yaml").read_text()
+    config.write_text(text.replace("metrics:\n      enabled: false", "metrics:\n      enabled: true"))
+    assert config.read_text() != text
+    env = {
+        "BENTOML_CONFIG": str(config),
+        "PIPELINE_MODELS_DIR": str(models),
+        "PIPELINE_DEFAULT_MODEL": "base",
+        "PIPELINE_MODEL_POLL": str(POLL),
+        "PIPELINE_FILE_ROOTS": str(file_root),
+        "PIPELINE_CACHE_DIR": "",
+    }
+    ARTIFACTS.mkdir(exist_ok=True)
+    service = serve_bento("service:AicsdPipeline", env=env, cwd=REPO, log_path=ARTIFACTS / "no-default.log",
+                          wait_for="/livez")
+    try:
+        with httpx.Client(timeout=60, trust_env=False) as http:
+            yield Watched(service, http), models
+    finally:
+        stop_process(service.process)
+
+
+def test_a_service_without_its_default_model_is_not_ready_until_the_model_arrives(without_default):
+    watched, models = without_default
+    watched.wait_polls(2)
+    readyz = watched.http.get(f"{watched.service.url}/readyz")
+    assert readyz.status_code == 503
+    assert "default model base (PIPELINE_DEFAULT_MODEL) is not loaded" in watched.service.log_text()
+    ballast_classifier("d e f", models / "base" / "1")
+    arrived = watched.poll()
+    # Looks arrived+2 and arrived+3 both began after the model was written: the second loads it.
+    assert watched.wait_listed("base", "base version 1") <= arrived + 3
+    assert watched.http.get(f"{watched.service.url}/readyz").status_code == 200
+
+
+def test_bentoml_config_names_the_runtime_configuration(without_default):
+    watched, _ = without_default
+    # bentoml.yaml turns metrics off; the copy BENTOML_CONFIG names turns them on.
+    assert watched.http.get(f"{watched.service.url}/metrics").status_code == 200
