@@ -43,6 +43,13 @@ def test_targets_that_need_a_bento_tag_fail_with_the_reference_usage_message(tar
             in result.stderr)
 
 
+def test_run_mounts_aicsd_models_folder_and_serves_both(tmp_path):
+    planned = make("-n", "run", "BENTO_TAG=aicsd_pipeline:x", f"AICSD_MODELS={tmp_path}")
+    assert f"-v {tmp_path}:/aicsd-models:ro -e PIPELINE_MODELS_DIR=models:/aicsd-models" in planned.stdout
+    missing = make("run", "BENTO_TAG=aicsd_pipeline:x", f"AICSD_MODELS={tmp_path / 'nope'}")
+    assert missing.returncode == 2 and "is not a folder: give the AiCSD project's models/ folder" in missing.stderr
+
+
 def test_down_succeeds_quietly_when_nothing_is_running():
     result = make("down", "BENTO_TAG=aicsd_pipeline:nothing")
     assert result.returncode == 0, result.stderr
@@ -120,6 +127,11 @@ class TestComposeFile:
         assert bridge["BRIDGE_MQTT_HOSTNAME"] == "mosquitto"
         config = services["mosquitto"]["volumes"][0].split(":")[0]
         assert (REPO / config).is_file()
+
+    def test_service_serves_its_own_models_and_aicsd_models_folder(self):
+        pipeline = self.compose()["services"]["pipeline"]
+        assert pipeline["environment"]["PIPELINE_MODELS_DIR"] == "models:/aicsd-models"
+        assert any(v.endswith(":/aicsd-models:ro") for v in pipeline["volumes"])
 
     def test_docker_compose_validates_the_file(self, capsys):
         probe = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True)
