@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Self
 
 import httpx
 import numpy as np
@@ -121,7 +122,7 @@ class JobFlow:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> JobFlow:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
