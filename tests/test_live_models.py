@@ -13,7 +13,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Self
 
@@ -154,7 +154,9 @@ def post_job(http: httpx.Client, watched: Watched, aicsd, image: Path, output: P
     return response.json()
 
 
-def copy_in_pieces(watched: Watched, copies: list[tuple[Path, Path]], chunks: int = 4) -> None:
+def copy_in_pieces(
+    watched: Watched, copies: list[tuple[Path, Path]], chunks: int = 4, before_last: Callable[[], None] = lambda: None
+) -> None:
     """Copy version folders side by side as a slow copier would: the .xml, then the .bin in chunks.
 
     After each piece the service looks twice, so each half-copied state has sat still for two
@@ -166,6 +168,8 @@ def copy_in_pieces(watched: Watched, copies: list[tuple[Path, Path]], chunks: in
     datas = [(source / "model.bin").read_bytes() for source, _ in copies]
     for piece in range(chunks):
         watched.wait_polls(2)
+        if piece == chunks - 1:
+            before_last()
         _, listed = watched.listing()
         for (_, target), data in zip(copies, datas):
             name = target.parent.name
@@ -185,10 +189,15 @@ def test_models_copied_into_a_watched_folder_in_pieces_are_served_once_complete_
     staged_new = ballast_classifier("newred newgreen newblue", tmp_path / "fresh-1")
     watched.wait_listed("counted", "counted version 1")
 
+    answered_before_complete = 0
     with JobFlow(watched, aicsd, image, output, "counted") as flow:
-        copy_in_pieces(watched, [(staged_v2, shared / "counted" / "2"), (staged_new, shared / "fresh" / "1")])
-        # Half-copied versions never loaded: the jobs so far all ran on version 1.
-        assert set(flow.labels_seen()) == {"v1red"}
+
+        def count_answers() -> None:
+            nonlocal answered_before_complete
+            answered_before_complete = len(flow.answers)
+
+        copy_in_pieces(watched, [(staged_v2, shared / "counted" / "2"), (staged_new, shared / "fresh" / "1")],
+                       before_last=count_answers)
         done = watched.poll()
         served_v2 = watched.wait_listed("counted", "counted version 2")
         served_new = watched.wait_listed("fresh", "fresh version 1")
@@ -204,6 +213,8 @@ def test_models_copied_into_a_watched_folder_in_pieces_are_served_once_complete_
     assert failed == [], failed[:3]
     labels = flow.labels_seen()
     switch = labels.index("v2red")
+    # Every job answered before the copy was complete ran on version 1, then each on version 2.
+    assert answered_before_complete > 0 and switch >= answered_before_complete
     assert set(labels[:switch]) == {"v1red"} and set(labels[switch:]) == {"v2red"}
     with httpx.Client(timeout=60, trust_env=False) as http:
         fresh = post_job(http, watched, aicsd, image, output, "fresh")
