@@ -159,12 +159,14 @@ class ModelWatcher:
                          name, entry.version, exc)
             self.runner.note_problem(name, str(exc))
             return
-        except PipelineError as exc:
-            self._failed[name] = (entry, str(exc))
+        except Exception as exc:  # any failure of one version must leave the rest serving
+            problem = str(exc) if isinstance(exc, PipelineError) else f"model '{name}' failed to load: {exc!r}"
+            self._failed[name] = (entry, problem)
             self._unreadable.pop(name, None)
             keeps = f"version {served.version} keeps serving" if served else "nothing served under this name"
-            log.error("model %s version %s cannot be loaded: %s; %s", name, entry.version, exc, keeps)
-            self.runner.note_problem(name, str(exc))
+            log.error("model %s version %s cannot be loaded: %s; %s", name, entry.version, problem, keeps,
+                      exc_info=not isinstance(exc, PipelineError))
+            self.runner.note_problem(name, problem)
             return
         self.runner.install(name, pipeline)
         self._loaded[name] = entry
