@@ -105,6 +105,11 @@ class PipelineRunner:
         if problem is not None:
             return ModelError(problem)
         entry = self.repository.entry(model_name)  # raises for an unknown model
+        if not entry.has_model:
+            return ModelError(
+                f"model '{model_name}' has no model file in {entry.directory}/{entry.version} "
+                "(an .xml+.bin IR or an .onnx file)"
+            )
         return ModelError(
             f"model '{model_name}' version {entry.version} is not loaded yet: it is served once its files "
             "stop changing"
