@@ -26,7 +26,7 @@ from openvino.preprocess import ColorFormat, PrePostProcessor
 
 from aicsd.errors import ModelError
 
-__all__ = ["CompiledModel", "ModelEntry", "ModelInfo", "ModelRepository", "ModelUnreadable"]
+__all__ = ["CompiledModel", "ModelEntry", "ModelInfo", "ModelRepository", "ModelUnreadable", "no_model_file"]
 
 log = logging.getLogger(__name__)
 
@@ -232,10 +232,7 @@ class ModelRepository:
     def compile(self, entry: ModelEntry) -> CompiledModel:
         """Read and compile one model version; `ModelUnreadable` when its files do not read."""
         if entry.model_file is None:
-            raise ModelError(
-                f"model '{entry.name}' has no model file in {entry.directory}/{entry.version} "
-                "(an .xml+.bin IR or an .onnx file)"
-            )
+            raise no_model_file(entry)
         try:
             model = self.core.read_model(entry.model_file)
         except RuntimeError as exc:
@@ -257,6 +254,13 @@ class ModelRepository:
             entry.name, entry.version, info.model_type or "no model_type", self.device, result.pool_size,
         )
         return result
+
+
+def no_model_file(entry: ModelEntry) -> ModelError:
+    """What a job naming a model directory with no model file is told."""
+    return ModelError(
+        f"model '{entry.name}' has no model file in {entry.directory}/{entry.version} (an .xml+.bin IR or an .onnx file)"
+    )
 
 
 def _model_dirs(folder: Path) -> list[Path]:

@@ -22,7 +22,7 @@ import threading
 from dataclasses import dataclass
 
 from aicsd.errors import PipelineError
-from pipeline.model_repository import ModelEntry, ModelRepository, ModelUnreadable
+from pipeline.model_repository import ModelEntry, ModelRepository, ModelUnreadable, no_model_file
 
 from .runner import PipelineRunner
 
@@ -135,10 +135,7 @@ class ModelWatcher:
         self.runner.withdraw(name)
 
     def _no_model(self, entry: ModelEntry) -> None:
-        problem = (
-            f"model '{entry.name}' has no model file in {entry.directory}/{entry.version} "
-            "(an .xml+.bin IR or an .onnx file)"
-        )
+        problem = str(no_model_file(entry))
         if self._loaded.pop(entry.name, None) is not None:
             log.info("model %s no longer has a model file: no longer served", entry.name)
         self.runner.withdraw(entry.name, problem)

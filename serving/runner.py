@@ -19,7 +19,7 @@ from aicsd.errors import ModelError, PipelineError
 from aicsd.job import Job, ModelParams
 
 from .files import resolve_inside
-from pipeline.model_repository import CompiledModel, ModelRepository
+from pipeline.model_repository import CompiledModel, ModelRepository, no_model_file
 from aicsd.outcome import PipelineOutcome
 from .settings import Settings
 
@@ -106,10 +106,7 @@ class PipelineRunner:
             return ModelError(problem)
         entry = self.repository.entry(model_name)  # raises for an unknown model
         if not entry.has_model:
-            return ModelError(
-                f"model '{model_name}' has no model file in {entry.directory}/{entry.version} "
-                "(an .xml+.bin IR or an .onnx file)"
-            )
+            return no_model_file(entry)
         return ModelError(
             f"model '{model_name}' version {entry.version} is not loaded yet: it is served once its files "
             "stop changing"
