@@ -13,6 +13,11 @@ MQTT_CLIENT_IMAGE ?= paho_mqtt_client
 MQTT_CLIENT_CONFIG ?= $(CURDIR)/pythonClientConfig.yaml
 EDGEX_NETWORK ?= edgex_edgex-network
 GATEWAY_FILES ?= $(HOME)/data/gateway-files
+# AiCSD's own models/ folder (where its UI's Upload Models puts models). When set, `make run`
+# mounts it read-only and the service serves its models next to the bento's, picking up new
+# ones without a restart; PIPELINE_MODEL_POLL (seconds) sets how often it looks.
+AICSD_MODELS ?=
+PIPELINE_MODEL_POLL ?= 2
 
 # No usage tracking: the service talks only to AiCSD's callback URLs.
 export BENTOML_DO_NOT_TRACK := True
@@ -85,9 +90,15 @@ docker-build: ## Build the bento image and the bridge image (BENTO_TAG required)
 	$(MAKE) --no-print-directory docker-build-mqtt-client
 	$(MAKE) --no-print-directory docker-build-bento BENTO_TAG=$(BENTO_TAG)
 
-run: ## Start the bento container on the EdgeX network, then the bridge container (BENTO_TAG required)
+run: ## Start the bento container on the EdgeX network, then the bridge container (BENTO_TAG required; AICSD_MODELS=<AiCSD>/models)
 	$(call require_bento_tag,run)
-	docker run -itd --network=$(EDGEX_NETWORK) -p $(PORT):3000 -v $(GATEWAY_FILES):/tmp/files $(BENTO_TAG) serve
+	@if [ -n "$(AICSD_MODELS)" ] && [ ! -d "$(AICSD_MODELS)" ]; then \
+		echo "AICSD_MODELS=$(AICSD_MODELS) is not a folder: give the AiCSD project's models/ folder" >&2; exit 2; fi
+	@if [ -z "$(AICSD_MODELS)" ]; then \
+		echo "note: serving the bento's own models only; add AICSD_MODELS=<AiCSD project>/models to serve AiCSD's too"; fi
+	docker run -itd --network=$(EDGEX_NETWORK) -p $(PORT):3000 -v $(GATEWAY_FILES):/tmp/files \
+		$(if $(AICSD_MODELS),-v $(abspath $(AICSD_MODELS)):/aicsd-models:ro -e PIPELINE_MODELS_DIR=models:/aicsd-models) \
+		-e PIPELINE_MODEL_POLL=$(PIPELINE_MODEL_POLL) $(BENTO_TAG) serve
 	$(MAKE) --no-print-directory run-mqtt-client
 
 docker-down-bento: ## Stop and remove the bento container (BENTO_TAG required; quiet when none runs)

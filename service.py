@@ -16,7 +16,10 @@ from typing import Any
 import bentoml
 import yaml
 from pydantic import BaseModel, Field
+from starlette.applications import Starlette
+from starlette.requests import Request
 from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 with bentoml.importing():
     from aicsd.callbacks import AicsdClient, CallbackAnswer, RetryPolicy, job_update_body
@@ -24,8 +27,10 @@ with bentoml.importing():
     from aicsd.job import Job, JobRequest
     from aicsd.logs import configure_logging
     from pipeline.model_repository import ModelRepository
+    from serving.bundle import check_bundled_models
     from serving.jobs import JobHandler
     from serving.ledger import JobLedger
+    from serving.model_watch import ModelsView, ModelWatcher
     from serving.runner import PipelineRunner
     from serving.settings import Settings
     from serving.task_pipeline import TaskPipelines
@@ -67,6 +72,20 @@ class PipelineListing(BaseModel):
     status: str
 
 
+def _listing(view: ModelsView) -> list[PipelineListing]:
+    """The served models as AiCSD's pipeline service lists pipelines (AICSD_CONTRACT.md section 5)."""
+    return [
+        PipelineListing(
+            id=f"ovms/{model.name}",
+            name=f"{model.name} OVMS Pipeline",
+            description=model.description,
+            subscriptionTopic=f"ovms/{model.name}",
+            status="Running",
+        )
+        for model in view.models
+    ]
+
+
 def _callback(answer: CallbackAnswer | None) -> CallbackResult | None:
     return None if answer is None else CallbackResult(**answer.summary())
 
@@ -75,8 +94,13 @@ SERVICE_NAME = "aicsd_pipeline"
 
 
 def _runtime_config() -> dict[str, Any]:
-    """This service's section of bentoml.yaml (or of the file AICSD_SERVICE_CONFIG names)."""
-    path = Path(os.environ.get("AICSD_SERVICE_CONFIG") or Path(__file__).with_name("bentoml.yaml"))
+    """This service's section of the BentoML runtime configuration.
+
+    The file is AICSD_SERVICE_CONFIG, else BENTOML_CONFIG (which BentoML also reads itself),
+    else bentoml.yaml next to this file.
+    """
+    named = os.environ.get("AICSD_SERVICE_CONFIG") or os.environ.get("BENTOML_CONFIG")
+    path = Path(named) if named else Path(__file__).with_name("bentoml.yaml")
     if not path.is_file():
         return {}
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -86,6 +110,21 @@ def _runtime_config() -> dict[str, Any]:
     return section
 
 
+async def _get_pipelines(request: Request) -> JSONResponse:
+    service: AicsdPipeline = bentoml.get_current_service()
+    view = service.models.view
+    body = [listing.model_dump() for listing in _listing(view)]
+    return JSONResponse(body, headers={"X-Model-Poll": str(view.poll)})
+
+
+# BentoML API routes are POST only; AiCSD's UI reads its pipeline list with a GET.
+aicsd_api = Starlette(routes=[Route("/pipelines", _get_pipelines, methods=["GET"])])
+
+# `bentoml build` (and loading the bento) passes bentofile.yaml's args: the models it must carry.
+check_bundled_models(Path(__file__).parent, bentoml.use_arguments())
+
+
+@bentoml.asgi_app(aicsd_api, path="/api/v1", name="aicsd_api")
 @bentoml.service(name=SERVICE_NAME, **_runtime_config())
 class AicsdPipeline:
     """Runs AiCSD jobs through OpenVINO pipelines from the model repository."""
@@ -100,7 +139,16 @@ class AicsdPipeline:
             cache_dir=self.settings.cache_dir,
         )
         self.runner = PipelineRunner(self.settings, self.repository)
-        loaded = self.runner.load_all()
+        # Models present now are compiled and warmed up before the service says ready; later
+        # ones are picked up by the watcher's thread every PIPELINE_MODEL_POLL seconds.
+        self.models = ModelWatcher(self.repository, self.runner, self.settings.model_poll)
+        loaded = self.models.load_present()
+        if self.settings.default_model not in loaded:
+            log.warning(
+                "default model %s (PIPELINE_DEFAULT_MODEL) is not loaded: not ready until it is",
+                self.settings.default_model,
+            )
+        self.models.start()
         self.aicsd = AicsdClient(
             RetryPolicy(
                 tries=self.settings.callback_tries,
@@ -115,18 +163,31 @@ class AicsdPipeline:
             lookup=self.settings.task_lookup,
             default_model=self.settings.default_model,
             shared_topic=self.settings.shared_topic,
-            served=lambda: [entry.name for entry in self.repository.discover()],
+            served=lambda: [model.name for model in self.models.view.models],
         )
         self.jobs = JobHandler(self.runner, self.ledger, pipelines, self.aicsd)
+        folders = ", ".join(str(d.resolve()) for d in self.settings.models_dir)
         log.info(
-            "ready: models %s from %s; ledger %s (%s, %d old entries forgotten); task look-up %s",
-            ", ".join(loaded) or "none", self.settings.models_dir.resolve(), self.settings.ledger,
+            "started: models %s from %s; ledger %s (%s, %d old entries forgotten); task look-up %s",
+            ", ".join(loaded) or "none", folders, self.settings.ledger,
             ", ".join(f"{k}={v}" for k, v in sorted(self.ledger.counts().items())) or "empty", pruned,
             "on" if self.settings.task_lookup else "off (ModelParams Model or the default model decides)",
         )
 
+    def __is_ready__(self) -> bool:
+        """/readyz: ready only while the service can run jobs.
+
+        With the task look-up on, each job's task picks its model: ready while any model is
+        served. With it off, jobs that name no model run on the default one: ready while it is
+        served, so a bento without its models never looks healthy.
+        """
+        if self.settings.task_lookup:
+            return any(model.serving for model in self.models.view.models)
+        return self.runner.serves(self.settings.default_model)
+
     @bentoml.on_shutdown
     def close(self) -> None:
+        self.models.stop()
         self.aicsd.close()
         self.ledger.close()
 
@@ -162,16 +223,5 @@ class AicsdPipeline:
 
     @bentoml.api(route="/pipelines")
     def pipelines(self) -> list[PipelineListing]:
-        """The served models as AiCSD lists pipelines: every model directory with a version."""
-        return [
-            PipelineListing(
-                id=f"ovms/{entry.name}",
-                name=f"{entry.name} OVMS Pipeline",
-                description=(
-                    f"{entry.name} version {entry.version}" if entry.has_model else f"{entry.name} (no model)"
-                ),
-                subscriptionTopic=f"ovms/{entry.name}",
-                status="Running",
-            )
-            for entry in self.repository.discover()
-        ]
+        """The served models as AiCSD lists pipelines; the same list as GET /api/v1/pipelines."""
+        return _listing(self.models.view)

@@ -273,8 +273,9 @@ def serve_bento(
     log_path: Path,
     timeout: float = 120,
     port: int | None = None,
+    wait_for: str = "/readyz",
 ) -> Service:
-    """Start `bentoml serve TARGET` on a loopback port and wait until /readyz answers 200."""
+    """Start `bentoml serve TARGET` on a loopback port and wait until `wait_for` answers 200."""
     port = port or free_port()
     full_env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True", **env}
     log_file = log_path.open("wb")
@@ -294,7 +295,7 @@ def serve_bento(
             if process.poll() is not None:
                 raise RuntimeError(f"bentoml serve exited with {process.returncode}:\n{log_path.read_text()}")
             try:
-                if client.get(f"{url}/readyz", timeout=2).status_code == 200:
+                if client.get(f"{url}{wait_for}", timeout=2).status_code == 200:
                     return Service(url, log_path, process)
             except httpx.HTTPError:
                 pass

@@ -9,7 +9,6 @@ Prints one JSON line per image with the status, QC flags, results and output fil
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -52,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.models_dir is not None:
-        settings = dataclasses.replace(settings, models_dir=args.models_dir)
+        settings = settings.model_copy(update={"models_dir": (args.models_dir,)})
     repository = ModelRepository(
         settings.models_dir, device=settings.device, performance_hint="LATENCY", cache_dir=settings.cache_dir
     )

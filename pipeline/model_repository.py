@@ -2,10 +2,11 @@
 
 Layout: `<models_dir>/<name>/<version>/` with an OpenVINO IR (`.xml` + `.bin`) or an `.onnx`
 file. The highest numbered version that holds a model is served (OVMS's default policy); a
-model directory whose versions are all empty is a pipeline with no model. A model describes
-itself through `rt_info` `model_info` entries, as OpenVINO Model API and Intel Geti exports
-do; a `model_info.json` sidecar (in the version or the model directory) gives defaults for
-models without them.
+model directory whose versions are all empty is a pipeline with no model. Several folders may
+be given (the bento's own `models/` and AiCSD's): a name found in more than one is served
+from the first folder that has it. A model describes itself through `rt_info` `model_info`
+entries, as OpenVINO Model API and Intel Geti exports do; a `model_info.json` sidecar (in the
+version or the model directory) gives defaults for models without them.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import logging
 import queue
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from openvino.preprocess import ColorFormat, PrePostProcessor
 
 from aicsd.errors import ModelError
 
-__all__ = ["CompiledModel", "ModelEntry", "ModelInfo", "ModelRepository"]
+__all__ = ["CompiledModel", "ModelEntry", "ModelInfo", "ModelRepository", "ModelUnreadable", "no_model_file"]
 
 log = logging.getLogger(__name__)
 
@@ -93,14 +94,27 @@ def _bool(raw: str) -> bool:
     raise ValueError(f"{raw!r} is not a boolean")
 
 
+class ModelUnreadable(ModelError):
+    """The model's files do not read as a model (yet): possibly still being copied in."""
+
+
+FileStamp = tuple[str, int, int]
+"""(path inside the model directory, size in bytes, modification time in ns) of one file."""
+
+
 @dataclass(frozen=True)
 class ModelEntry:
-    """A model directory found on disk: its served version and model file, if any."""
+    """A model directory found on disk: its served version, model file, and its files' stamp.
+
+    Two entries compare equal only when the same version's files have the same sizes and
+    modification times, so an entry seen unchanged on two looks is one nobody is writing.
+    """
 
     name: str
     directory: Path
     version: int | None
     model_file: Path | None
+    stamp: tuple[FileStamp, ...] = ()
 
     @property
     def has_model(self) -> bool:
@@ -151,17 +165,17 @@ class CompiledModel:
 
 
 class ModelRepository:
-    """Discovers models under a directory and compiles each one once, on first use or at load."""
+    """Discovers models under one or more folders and compiles a model version on request."""
 
     def __init__(
         self,
-        models_dir: Path,
+        models_dirs: Path | Sequence[Path],
         *,
         device: str = "CPU",
         performance_hint: str = "THROUGHPUT",
         cache_dir: Path | None = None,
     ) -> None:
-        self.models_dir = models_dir
+        self.models_dirs: tuple[Path, ...] = (models_dirs,) if isinstance(models_dirs, Path) else tuple(models_dirs)
         self.device = device
         self.performance_hint = performance_hint
         self.core = ov.Core()
@@ -170,63 +184,59 @@ class ModelRepository:
             self.core.set_property({"CACHE_DIR": str(cache_dir)})
         self._compiled: dict[str, CompiledModel] = {}
         self._lock = threading.Lock()
+        self._shadowed: set[tuple[str, Path]] = set()
 
     def discover(self) -> list[ModelEntry]:
-        """Every model directory, sorted by name; directories without a numbered version are skipped."""
-        if not self.models_dir.is_dir():
-            return []
-        entries = []
-        for directory in sorted(p for p in self.models_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            entry = self._entry(directory)
-            if entry is not None:
-                entries.append(entry)
-        return entries
+        """Every model directory, sorted by name; directories without a numbered version are skipped.
+
+        A name in several folders is taken from the first; the others are logged once.
+        """
+        found: dict[str, ModelEntry] = {}
+        for folder in self.models_dirs:
+            for directory in _model_dirs(folder):
+                entry = _entry(directory)
+                if entry is None:
+                    continue
+                if entry.name in found:
+                    self._log_shadowed(entry.name, found[entry.name].directory, directory)
+                    continue
+                found[entry.name] = entry
+        return [found[name] for name in sorted(found)]
 
     def entry(self, name: str) -> ModelEntry:
         """The entry for one model name, or a `ModelError` that lists what is available."""
-        directory = self.models_dir / name
-        entry = self._entry(directory) if name and "/" not in name and directory.is_dir() else None
-        if entry is None:
-            known = ", ".join(e.name for e in self.discover()) or "none"
-            raise ModelError(f"unknown model '{name}' (available: {known})")
-        return entry
+        if name and "/" not in name and name not in (".", ".."):
+            for folder in self.models_dirs:
+                directory = folder / name
+                entry = _entry(directory) if directory.is_dir() else None
+                if entry is not None:
+                    return entry
+        known = ", ".join(e.name for e in self.discover()) or "none"
+        raise ModelError(f"unknown model '{name}' (available: {known})")
 
-    @staticmethod
-    def _entry(directory: Path) -> ModelEntry | None:
-        versions = sorted(
-            (int(p.name), p) for p in directory.iterdir() if p.is_dir() and p.name.isdigit()
-        )
-        if not versions:
-            return None
-        for number, path in reversed(versions):
-            model_file = _model_file(path)
-            if model_file is not None:
-                return ModelEntry(directory.name, directory, number, model_file)
-        return ModelEntry(directory.name, directory, versions[-1][0], None)
+    def _log_shadowed(self, name: str, served: Path, shadowed: Path) -> None:
+        if (name, shadowed) not in self._shadowed:
+            self._shadowed.add((name, shadowed))
+            log.warning("model %s is in %s and in %s: the first is served", name, served, shadowed)
 
     def get(self, name: str) -> CompiledModel:
-        """The compiled model for `name`, compiling it the first time it is asked for."""
+        """The compiled model for `name`, compiled the first time and again when its files change."""
         with self._lock:
+            entry = self.entry(name)
             compiled = self._compiled.get(name)
-            if compiled is None:
-                compiled = self._compile(self.entry(name))
+            if compiled is None or compiled.entry != entry:
+                compiled = self.compile(entry)
                 self._compiled[name] = compiled
             return compiled
 
-    def loaded(self) -> list[CompiledModel]:
-        with self._lock:
-            return list(self._compiled.values())
-
-    def _compile(self, entry: ModelEntry) -> CompiledModel:
+    def compile(self, entry: ModelEntry) -> CompiledModel:
+        """Read and compile one model version; `ModelUnreadable` when its files do not read."""
         if entry.model_file is None:
-            raise ModelError(
-                f"model '{entry.name}' has no model file in {entry.directory}/{entry.version} "
-                "(an .xml+.bin IR or an .onnx file)"
-            )
+            raise no_model_file(entry)
         try:
             model = self.core.read_model(entry.model_file)
         except RuntimeError as exc:
-            raise ModelError(f"model '{entry.name}' cannot be read from {entry.model_file}: {exc}") from None
+            raise ModelUnreadable(f"model '{entry.name}' cannot be read from {entry.model_file}: {exc}") from None
         info = ModelInfo.from_entries(_info_entries(model, entry), f"model '{entry.name}'")
         model = _fold_preprocessing(model, info, entry.name)
         # A model may ask for its own precision or hint (the counter needs f32: bf16 would
@@ -244,6 +254,48 @@ class ModelRepository:
             entry.name, entry.version, info.model_type or "no model_type", self.device, result.pool_size,
         )
         return result
+
+
+def no_model_file(entry: ModelEntry) -> ModelError:
+    """What a job naming a model directory with no model file is told."""
+    return ModelError(
+        f"model '{entry.name}' has no model file in {entry.directory}/{entry.version} (an .xml+.bin IR or an .onnx file)"
+    )
+
+
+def _model_dirs(folder: Path) -> list[Path]:
+    try:
+        return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError:  # missing or unreadable folder: no models from it
+        return []
+
+
+def _entry(directory: Path) -> ModelEntry | None:
+    try:
+        versions = sorted((int(p.name), p) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+    except OSError:  # removed while we looked
+        return None
+    if not versions:
+        return None
+    for number, path in reversed(versions):
+        model_file = _model_file(path)
+        if model_file is not None:
+            return ModelEntry(directory.name, directory, number, model_file, _stamp(directory, path))
+    return ModelEntry(directory.name, directory, versions[-1][0], None)
+
+
+def _stamp(directory: Path, version_dir: Path) -> tuple[FileStamp, ...]:
+    """Size and mtime of every file of a version, and of the model directory's sidecar."""
+    stamps = []
+    candidates = [directory / _SIDECAR, *sorted(version_dir.rglob("*"))]
+    for path in candidates:
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        if path.is_file():
+            stamps.append((path.relative_to(directory).as_posix(), st.st_size, st.st_mtime_ns))
+    return tuple(stamps)
 
 
 def _model_file(version_dir: Path) -> Path | None:

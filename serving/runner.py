@@ -18,7 +18,7 @@ from aicsd.outcome import PipelineOutcome
 from pipeline.base import Pipeline, PipelineTask
 from pipeline.classification import ClassificationPipeline
 from pipeline.counting import CountingPipeline
-from pipeline.model_repository import CompiledModel, ModelRepository
+from pipeline.model_repository import CompiledModel, ModelRepository, no_model_file
 from pipeline.output_files import FilesRecorder
 
 from .files import resolve_inside
@@ -38,50 +38,80 @@ PIPELINE_KINDS: dict[str, PipelineFactory] = {
 
 
 class PipelineRunner:
-    """Holds one pipeline per model, built once, and runs jobs through them."""
+    """Holds one pipeline per model name and runs jobs through them.
+
+    Without a watcher a pipeline is built on first use. With one (`serving.model_watch`), the
+    watcher builds pipelines off the request path and swaps them in with `install`; a job keeps
+    the pipeline object it got, so it finishes on the version it started with.
+    """
 
     def __init__(self, settings: Settings, repository: ModelRepository) -> None:
         self.settings = settings
         self.repository = repository
         self._pipelines: dict[str, Pipeline] = {}
+        self._problems: dict[str, str] = {}
         self._lock = threading.Lock()
+        self.watched = False
 
     def pipeline(self, model_name: str) -> Pipeline:
-        """The pipeline serving `model_name`, compiled and built on first use."""
+        """The pipeline serving `model_name`; built on first use unless a watcher keeps them."""
         with self._lock:
             pipeline = self._pipelines.get(model_name)
-            if pipeline is None:
-                model = self.repository.get(model_name)
-                model_type = model.info.model_type or "Classification"
-                factory = PIPELINE_KINDS.get(model_type)
-                if factory is None:
-                    known = ", ".join(sorted(PIPELINE_KINDS))
-                    raise ModelError(
-                        f"model '{model_name}' has model_type '{model_type}', which no pipeline serves (known: {known})"
-                    )
-                pipeline = factory(model, self.settings.max_pixels)
-                self._pipelines[model_name] = pipeline
+            if pipeline is not None:
+                return pipeline
+            if self.watched:
+                raise self._not_served(model_name)
+            pipeline = self.build(self.repository.get(model_name))
+            self._pipelines[model_name] = pipeline
             return pipeline
 
-    def load_all(self) -> list[str]:
-        """Compile and warm up every model that has files; a broken model is logged, not fatal."""
-        ready = []
-        for entry in self.repository.discover():
-            if not entry.has_model:
-                log.info("model %s has no model file: listed as a pipeline with no model", entry.name)
-                continue
-            try:
-                self.pipeline(entry.name).warm_up()
-            except PipelineError as exc:
-                log.error("model %s is not usable: %s", entry.name, exc)
-                continue
-            ready.append(entry.name)
-        if self.settings.default_model not in ready:
-            log.warning(
-                "default model %s (PIPELINE_DEFAULT_MODEL) is not loaded; jobs must name a Model in ModelParams",
-                self.settings.default_model,
+    def build(self, model: CompiledModel) -> Pipeline:
+        """The pipeline kind the model's model_type asks for, bound to that compiled model."""
+        model_type = model.info.model_type or "Classification"
+        factory = PIPELINE_KINDS.get(model_type)
+        if factory is None:
+            known = ", ".join(sorted(PIPELINE_KINDS))
+            raise ModelError(
+                f"model '{model.name}' has model_type '{model_type}', which no pipeline serves (known: {known})"
             )
-        return ready
+        return factory(model, self.settings.max_pixels)
+
+    def install(self, model_name: str, pipeline: Pipeline) -> None:
+        """Serve `model_name` with `pipeline` from now on; jobs already running keep the old one."""
+        with self._lock:
+            self._pipelines[model_name] = pipeline
+            self._problems.pop(model_name, None)
+
+    def withdraw(self, model_name: str, problem: str | None = None) -> None:
+        """Stop serving `model_name`; `problem` is what jobs naming it are told, if it still exists."""
+        with self._lock:
+            self._pipelines.pop(model_name, None)
+            if problem is None:
+                self._problems.pop(model_name, None)
+            else:
+                self._problems[model_name] = problem
+
+    def note_problem(self, model_name: str, problem: str) -> None:
+        """Why `model_name` is not served, for jobs that name it while no version serves."""
+        with self._lock:
+            if model_name not in self._pipelines:
+                self._problems[model_name] = problem
+
+    def serves(self, model_name: str) -> bool:
+        with self._lock:
+            return model_name in self._pipelines
+
+    def _not_served(self, model_name: str) -> ModelError:
+        problem = self._problems.get(model_name)
+        if problem is not None:
+            return ModelError(problem)
+        entry = self.repository.entry(model_name)  # raises for an unknown model
+        if not entry.has_model:
+            return no_model_file(entry)
+        return ModelError(
+            f"model '{model_name}' version {entry.version} is not loaded yet: it is served once its files "
+            "stop changing"
+        )
 
     def model_name(self, params: ModelParams) -> str:
         return params.text("Model", self.settings.default_model)

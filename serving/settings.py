@@ -38,7 +38,14 @@ class Settings(DeclaredSettings):
 
     model_config = SettingsConfigDict(env_prefix="PIPELINE_")
 
-    models_dir: Path = Field(Path("models"), description="the model repository folder")
+    models_dir: Annotated[tuple[Path, ...], NoDecode] = Field(
+        (Path("models"),),
+        description="':'-separated model repository folders; a name in several is served from the first",
+    )
+    model_poll: float = Field(
+        2.0, ge=0, allow_inf_nan=False,
+        description="seconds between looks for new, changed or removed models; 0 fixes them at start-up",
+    )
     default_model: str = Field(
         "efficientnet-lite0", description="model used when neither the task nor ModelParams names one"
     )
@@ -84,10 +91,13 @@ class Settings(DeclaredSettings):
 
     @field_validator("models_dir", mode="before")
     @classmethod
-    def _not_empty(cls, value: Any) -> Any:
-        if isinstance(value, str) and not value.strip():
-            raise ValueError("must be a folder path")
-        return value
+    def _models_dirs(cls, value: Any) -> Any:
+        if isinstance(value, Path):
+            return (value,)
+        parts = split_list(value, ":")
+        if isinstance(parts, list) and not parts:
+            raise ValueError("must name at least one folder")
+        return tuple(Path(p) for p in parts) if isinstance(parts, list) else parts
 
     @field_validator("default_model")
     @classmethod

@@ -174,3 +174,36 @@ def test_sidecar_label_list_keeps_spaces_for_a_model_without_rt_info(tmp_path):
     write_model(tmp_path / "m" / "1", channel_mean_classifier())
     (tmp_path / "m" / "1" / "model_info.json").write_text(json.dumps({"labels": ["x x", "y", "z"]}))
     assert repo(tmp_path).get("m").info.labels == ("x x", "y", "z")
+
+
+def test_a_name_in_several_folders_is_served_from_the_first_and_logged_once(tmp_path, caplog):
+    first, second = tmp_path / "own", tmp_path / "aicsd"
+    write_model(first / "m" / "1", channel_mean_classifier(), {"labels": "own1 own2 own3"})
+    write_model(second / "m" / "4", channel_mean_classifier(), {"labels": "aicsd1 aicsd2 aicsd3"})
+    write_model(second / "other" / "1", channel_mean_classifier())
+    repository = ModelRepository((first, tmp_path / "missing", second), cache_dir=None)
+    with caplog.at_level("WARNING", logger="pipeline.model_repository"):
+        found = {e.name: e for e in repository.discover()}
+        repository.discover()
+    assert set(found) == {"m", "other"} and found["m"].directory == first / "m"
+    assert repository.entry("other").directory == second / "other"
+    assert repository.get("m").info.labels[0] == "own1"
+    assert [r.getMessage() for r in caplog.records] == [f"model m is in {first / 'm'} and in {second / 'm'}: the first is served"]
+
+
+def test_an_entry_changes_when_its_files_do(tmp_path):
+    write_model(tmp_path / "m" / "1", channel_mean_classifier())
+    repository = repo(tmp_path)
+    before = repository.entry("m")
+    assert repository.entry("m") == before
+    with (tmp_path / "m" / "1" / "model.bin").open("ab") as out:
+        out.write(b"\0")
+    assert repository.entry("m") != before
+
+
+def test_get_recompiles_a_model_whose_files_changed(tmp_path):
+    write_model(tmp_path / "m" / "1", channel_mean_classifier(), {"labels": "a b c"})
+    repository = repo(tmp_path)
+    first = repository.get("m")
+    write_model(tmp_path / "m" / "2", channel_mean_classifier(), {"labels": "x y z"})
+    assert repository.get("m") is not first and repository.get("m").info.labels == ("x", "y", "z")

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -40,6 +41,13 @@ def test_targets_that_need_a_bento_tag_fail_with_the_reference_usage_message(tar
     assert result.returncode != 0
     assert (f"BENTO_TAG is not set, correct usage - make {shown} BENTO_TAG=<bento_image_name>:<bento_image_tag>"
             in result.stderr)
+
+
+def test_run_mounts_aicsd_models_folder_and_serves_both(tmp_path):
+    planned = make("-n", "run", "BENTO_TAG=aicsd_pipeline:x", f"AICSD_MODELS={tmp_path}")
+    assert f"-v {tmp_path}:/aicsd-models:ro -e PIPELINE_MODELS_DIR=models:/aicsd-models" in planned.stdout
+    missing = make("run", "BENTO_TAG=aicsd_pipeline:x", f"AICSD_MODELS={tmp_path / 'nope'}")
+    assert missing.returncode == 2 and "is not a folder: give the AiCSD project's models/ folder" in missing.stderr
 
 
 def test_down_succeeds_quietly_when_nothing_is_running():
@@ -121,6 +129,11 @@ class TestComposeFile:
         config = services["mosquitto"]["volumes"][0].split(":")[0]
         assert (REPO / config).is_file()
 
+    def test_service_serves_its_own_models_and_aicsd_models_folder(self):
+        pipeline = self.compose()["services"]["pipeline"]
+        assert pipeline["environment"]["PIPELINE_MODELS_DIR"] == "models:/aicsd-models"
+        assert any(v.endswith(":/aicsd-models:ro") for v in pipeline["volumes"])
+
     def test_docker_compose_validates_the_file(self, capsys):
         probe = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True)
         if shutil.which("docker") is None or probe.returncode != 0:
@@ -130,3 +143,39 @@ class TestComposeFile:
         result = subprocess.run(["docker", "compose", "config", "--quiet"], cwd=REPO, capture_output=True, text=True,
                                 env={**os.environ, "BENTO_TAG": f"aicsd_pipeline:{uuid.uuid4().hex[:8]}"})
         assert result.returncode == 0, result.stderr
+
+
+def test_bentoml_build_in_a_fresh_clone_without_make_models_stops_and_names_make_models(tmp_path):
+    # The guide's own steps: clone, then `bentoml build`, without `make models`.
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True, capture_output=True, timeout=120)
+    assert not any((clone / "models").glob("*/1/model.xml")), "the clone must not hold built models"
+    home = tmp_path / "bentoml-home"
+    bentoml = Path(sys.executable).parent / "bentoml"
+    result = subprocess.run([str(bentoml), "build"], cwd=clone, capture_output=True, text=True, timeout=600, check=False,
+                            env={**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"})
+    built = list((home / "bentos").glob("*/*/src/models/efficientnet-lite0/1/model.bin"))
+    if result.returncode == 0:
+        assert built, "a bento was built without its models"
+    else:
+        assert "make models" in result.stdout + result.stderr
+        assert "models/efficientnet-lite0 holds no built model" in result.stdout + result.stderr
+        assert not list((home / "bentos").glob("*/*/bento.yaml"))
+
+
+def test_a_symlinked_model_directory_counts_as_missing_from_the_bento(tmp_path):
+    from serving.bundle import missing_models
+
+    from .tiny_models import channel_mean_classifier, write_model
+
+    write_model(tmp_path / "real" / "m" / "1", channel_mean_classifier())
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "m").symlink_to(tmp_path / "real" / "m", target_is_directory=True)
+    write_model(models / "built" / "1", channel_mean_classifier())
+    (models / "empty" / "1").mkdir(parents=True)
+    assert missing_models(models, ["built", "m", "empty", "absent"]) == [
+        "models/m is a symbolic link, which the bento would carry without its files",
+        "models/empty holds no built model",
+        "models/absent holds no built model",
+    ]

@@ -12,7 +12,7 @@ from serving.settings import Settings
 
 def test_defaults_match_the_design():
     s = Settings.from_env({})
-    assert s.models_dir == Path("models")
+    assert s.models_dir == (Path("models"),) and s.model_poll == 2.0
     assert s.default_model == "efficientnet-lite0"
     assert s.file_roots == (Path("/tmp/files"),)
     assert s.callback_hosts == {"job-repository", "task-launcher", "localhost", "127.0.0.1"}
