@@ -88,7 +88,7 @@ class _RefusedRequest(logging.Filter):
         if isinstance(error, ValidationError):
             path = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
             problems = "; ".join(
-                f"{'.'.join(str(part) for part in e['loc']) or 'body'}: {e['msg']}"
+                f"{'.'.join(str(part) for part in e['loc']) or 'body'}: {e['msg'].removeprefix('Value error, ')}"
                 for e in error.errors(include_url=False, include_context=False, include_input=False)
             )
             record.msg, record.args = "refused request to %s (HTTP 400): %s", (shown(path), shown(problems, 1000))

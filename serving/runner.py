@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from aicsd.logs import JobLog
+from aicsd.logs import JobLog, shown
 from pipeline.base import Pipeline, PipelineTask
 from pipeline.classification import ClassificationPipeline
 from pipeline.counting import CountingPipeline
@@ -88,7 +88,7 @@ class PipelineRunner:
     def run(self, job: Job) -> PipelineOutcome:
         """Run a job from the service: paths must lie inside the file roots. Never raises."""
         job_log = JobLog(log, job.job_id, job.task_id)
-        job_log.info("received from gateway %s", job.gateway_ip or "(not given)")
+        job_log.info("received from gateway %s", shown(job.gateway_ip) if job.gateway_ip else "(not given)")
 
         def task() -> PipelineTask:
             roots = self.settings.file_roots
@@ -116,13 +116,13 @@ class PipelineRunner:
         try:
             task = make_task()
             model_name = self.model_name(params)
-            job_log.info("running model %s on %s", model_name, task.input_file)
+            job_log.info("running model %s on %s", shown(model_name), shown(task.input_file))
             outcome = self.pipeline(model_name).run(task)
         except PipelineError as exc:
-            job_log.warning("pipeline failed: %s", exc)
+            job_log.warning("pipeline failed: %s", shown(exc, 1000))
             return PipelineOutcome.failed(str(exc))
         except Exception:
             job_log.exception("pipeline crashed")
             return PipelineOutcome.failed("internal error in the pipeline service; see its log")
-        job_log.info("pipeline complete: %s", outcome.results)
+        job_log.info("pipeline complete: %s", shown(outcome.results, 1000))
         return outcome
