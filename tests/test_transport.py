@@ -396,3 +396,15 @@ def test_https_with_a_certificate_for_another_host_fails_saying_so(ca):
     finally:
         running.close()
     assert running.recorder.requests == []
+
+
+@pytest.mark.parametrize("body, headers", [
+    ("text, not bytes", {}),
+    (b"{}", {"X-Count": 3}),
+    (memoryview(b"{}"), {"Content-Type": None}),
+])
+def test_whatever_goes_wrong_inside_the_client_comes_out_as_http_failure(server, body, headers):
+    with HttpClient(timeout=5) as client:
+        with pytest.raises(HttpFailure, match="TypeError"):
+            client.request("PUT", f"{server.url}/a", body, headers)
+        assert client.request("PUT", f"{server.url}/b", b"1").status_code == 200  # still usable
