@@ -203,7 +203,7 @@ class Job:
             if not host_allowed(url, allowed_hosts):
                 raise JobRejected(
                     field,
-                    f"callback host {shown(url.netloc)} is not allowed; add it to "
+                    f"callback host '{shown(url.netloc)}' is not allowed; add it to "
                     "PIPELINE_CALLBACK_HOSTS if AiCSD really lives there",
                 )
         return cls(
