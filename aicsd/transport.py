@@ -214,10 +214,10 @@ class HttpClient:
 
     # CPU per request, a small PUT answered 200 on one kept-alive loopback connection
     # (time.process_time over 12 rounds of 2000 requests, server in another process, 2-core
-    # machine shared with other work, 2026-11-26; best / median of the rounds): this client on
-    # httptools 24 / 34 us, the hand parser it replaced 21 / 27 us, http.client 80 / 120 us.
-    # llhttp costs a little over the hand parser (Python callbacks per header) and far less
-    # than http.client; what it buys is a parser that does not accept what HTTP forbids.
+    # machine shared with other work, 2026-11-26; best / median round, two runs): this client on
+    # httptools 20-24 / 29-34 us, the hand parser it replaced 20-21 / 27 us, http.client
+    # 79-80 / 96-120 us. llhttp costs about 10% more than the hand parser (Python callbacks per
+    # header) and a third of http.client; what it buys is a parser that refuses what HTTP forbids.
 
     def __init__(
         self,
