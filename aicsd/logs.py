@@ -80,25 +80,32 @@ class JobLog(logging.LoggerAdapter):  # type: ignore[type-arg]
 
 
 class _RefusedRequest(logging.Filter):
-    """Turns BentoML's ERROR line with a traceback for a request body that failed validation
-    into one WARNING line naming the fields and the problems."""
+    """Turns BentoML's ERROR line with a traceback for a request it refuses (a body that failed
+    validation: 400; or one of its own exceptions with a 4xx `error_code`, such as 415) into one
+    WARNING line naming the status and the problems. Errors of the service itself keep theirs."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
         if isinstance(error, ValidationError):
-            path = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+            status = 400
             problems = "; ".join(
                 f"{'.'.join(str(part) for part in e['loc']) or 'body'}: {e['msg'].removeprefix('Value error, ')}"
                 for e in error.errors(include_url=False, include_context=False, include_input=False)
             )
-            record.msg, record.args = "refused request to %s (HTTP 400): %s", (shown(path), shown(problems, 1000))
-            record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
-            record.exc_info = record.exc_text = None
+        elif isinstance(getattr(error, "error_code", None), int) and 400 <= error.error_code < 500:  # type: ignore[union-attr]
+            status, problems = int(error.error_code), str(error)  # type: ignore[union-attr]
+        else:
+            return True
+        path = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+        record.msg = "refused request to %s (HTTP %d): %s"
+        record.args = (shown(path), status, shown(problems, 1000))
+        record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
+        record.exc_info = record.exc_text = None
         return True
 
 
 REFUSING_LOGGERS = ("bentoml._internal.server.http_app",)
-"""BentoML's logger that reports a request body failing validation (`log_exception`)."""
+"""BentoML's logger that reports every failed request, with its traceback (`log_exception`)."""
 
 
 def quiet_refused_requests() -> None:

@@ -70,14 +70,34 @@ def test_a_validation_error_logged_by_bentoml_becomes_one_warning_line(captured)
     assert "Traceback" not in stream.getvalue()
 
 
-def test_other_errors_keep_their_traceback(captured):
+def test_a_4xx_error_of_the_framework_becomes_one_warning_line(captured):
+    from http import HTTPStatus
+
+    from bentoml.exceptions import BentoMLException
+
     logger, stream = captured
     logger.addFilter(_filter_of(quiet_refused_requests))
     try:
-        raise RuntimeError("boom")
-    except RuntimeError:
+        raise BentoMLException("pickle is not allowed\nhere", error_code=HTTPStatus.UNSUPPORTED_MEDIA_TYPE)
+    except BentoMLException:
         logger.error("Exception on %s [%s]", "/classify", "POST", exc_info=True)
-    assert "[ERROR]" in stream.getvalue() and "Traceback" in stream.getvalue()
+    (line,) = stream.getvalue().splitlines()
+    assert "[WARNING]" in line and "refused request to /classify (HTTP 415): pickle is not allowed\\nhere" in line
+
+
+def test_other_errors_keep_their_traceback(captured):
+    logger, stream = captured
+    logger.addFilter(_filter_of(quiet_refused_requests))
+    from http import HTTPStatus
+
+    from bentoml.exceptions import BentoMLException
+
+    for error in (RuntimeError("boom"), BentoMLException("broken", error_code=HTTPStatus.INTERNAL_SERVER_ERROR)):
+        try:
+            raise error
+        except Exception:
+            logger.error("Exception on %s [%s]", "/classify", "POST", exc_info=True)
+    assert stream.getvalue().count("[ERROR]") == 2 and stream.getvalue().count("Traceback") == 2
 
 
 def _filter_of(install) -> logging.Filter:  # type: ignore[no-untyped-def]

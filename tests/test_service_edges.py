@@ -117,6 +117,17 @@ def test_a_refused_request_is_one_warning_line_in_the_service_log(service, aicsd
     assert "Traceback" not in written and "[ERROR]" not in written, written
 
 
+def test_a_request_the_framework_refuses_is_one_warning_line_too(service, client):
+    marker = f"pickle-{uuid.uuid4().hex}"
+    before = len(service.log_text())
+    response = client.post(f"{service.url}/classify", content=marker.encode(),
+                           headers={"content-type": "application/vnd.bentoml+pickle"})
+    assert response.status_code == 415
+    written = new_log(service, before, "HTTP 415")
+    assert "[WARNING]" in written and "refused request to /classify (HTTP 415)" in written, written
+    assert "Traceback" not in written and "[ERROR]" not in written, written
+
+
 def test_a_newline_in_the_input_file_location_cannot_forge_a_log_line(service, aicsd, client, file_root):
     marker = f"forge-{uuid.uuid4().hex}"
     job, body = job_body(aicsd, file_root)
