@@ -256,6 +256,8 @@ class HttpClient:
                 connection.close()
                 connection = self._connect(origin, deadline)
                 response, keep = connection.exchange(head, body, head_only, self.max_answer, deadline, False)
+        except HttpFailure:  # a fresh connection for a stale one could not be made
+            raise
         except Exception as exc:
             connection.close()
             raise HttpFailure(_describe(exc)) from exc

@@ -408,3 +408,18 @@ def test_whatever_goes_wrong_inside_the_client_comes_out_as_http_failure(server,
         with pytest.raises(HttpFailure, match="TypeError"):
             client.request("PUT", f"{server.url}/a", body, headers)
         assert client.request("PUT", f"{server.url}/b", b"1").status_code == 200  # still usable
+
+
+def test_a_stale_connection_whose_server_is_gone_fails_once_naming_the_refusal():
+    recorder = Recorder()
+    thread = threading.Thread(target=recorder.serve_forever, daemon=True)
+    thread.start()
+    with HttpClient(timeout=5) as client:
+        assert client.request("POST", f"{recorder.url}/a", b"1").status_code == 200
+        recorder.shutdown()
+        recorder.server_close()
+        idle = next(iter(client._idle.values()))[0]
+        idle.sock.shutdown(socket.SHUT_RDWR)  # as the server's exit would have closed it
+        with pytest.raises(HttpFailure) as info:
+            client.request("POST", f"{recorder.url}/b", b"2")
+    assert str(info.value).startswith("ConnectionRefused: ")
