@@ -25,7 +25,7 @@ with bentoml.importing():
     from aicsd.callbacks import AicsdClient, CallbackAnswer, RetryPolicy, job_update_body
     from aicsd.errors import JobRejected
     from aicsd.job import Job, JobRequest
-    from aicsd.logs import configure_logging
+    from aicsd.logs import configure_logging, quiet_refused_requests, shown
     from pipeline.model_repository import ModelRepository
     from serving.bundle import check_bundled_models
     from serving.jobs import JobHandler
@@ -132,6 +132,7 @@ class AicsdPipeline:
     def __init__(self) -> None:
         self.settings = Settings.from_env()
         configure_logging(level=self.settings.log_level)
+        quiet_refused_requests()
         self.repository = ModelRepository(
             self.settings.models_dir,
             device=self.settings.device,
@@ -198,7 +199,7 @@ class AicsdPipeline:
             parsed = Job.from_request(job, self.settings.callback_hosts)
         except JobRejected as exc:
             # Answered 4xx naming the field; no callback goes anywhere.
-            log.warning("rejected request: %s", exc)
+            log.warning("refused request to /classify (HTTP %d): %s", exc.status_code, shown(exc, 1000))
             ctx.response.status_code = exc.status_code
             return JSONResponse({"error": str(exc), "field": exc.field}, status_code=exc.status_code)  # type: ignore[return-value]
 

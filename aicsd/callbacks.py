@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .job import CallbackUrls
-from .logs import JobLog
+from .logs import JobLog, shown
 from .outcome import COMPLETE, FAILED, OutputFile, PipelineOutcome
 from .transport import HttpClient, HttpFailure
 
@@ -190,18 +190,19 @@ class AicsdClient:
                 response = self._http.request(method, url, content, headers)
             except HttpFailure as exc:
                 answer = CallbackAnswer(url, None, "", attempt, str(exc))
-                out.warning("%s %s attempt %d/%d failed: %s", method, url, attempt, self.policy.tries, answer.error)
+                out.warning("%s %s attempt %d/%d failed: %s", method, shown(url), attempt, self.policy.tries,
+                            shown(answer.error, 500))
                 continue
             text = response.text
             answer = CallbackAnswer(url, response.status_code, text[:2000], attempt)
             if answer.ok:
-                out.info("%s %s accepted (200) on attempt %d", method, url, attempt)
+                out.info("%s %s accepted (200) on attempt %d", method, shown(url), attempt)
                 return answer, text
             out.warning(
                 "%s %s attempt %d/%d answered %d: %s",
-                method, url, attempt, self.policy.tries, response.status_code, answer.body.strip()[:300],
+                method, shown(url), attempt, self.policy.tries, response.status_code, shown(answer.body.strip(), 300),
             )
             if not answer.retryable:
                 return answer, text
-        out.error("%s %s gave up after %d attempts", method, url, answer.attempts)
+        out.error("%s %s gave up after %d attempts", method, shown(url), answer.attempts)
         return answer, text

@@ -16,8 +16,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from .callback_rules import CALLBACK_PATHS, JOB_UPDATE_PATH, STATUS_PATH, host_allowed, split_callback
+from .callback_rules import CallbackUrl, host_allowed, parse_callback_url, task_url
 from .errors import JobRejected, ParameterError
+from .logs import shown
 
 __all__ = [
     "SEED_EXAMPLE",
@@ -136,20 +137,25 @@ class JobRequest(BaseModel):
     @field_validator("JobUpdateUrl", "PipelineStatusUrl")
     @classmethod
     def _callback_url(cls, value: str, info: ValidationInfo) -> str:
-        pattern, path = CALLBACK_PATHS[info.field_name or ""]
-        split_callback(value, pattern, path)
-        return value.strip()
+        """Only a URL AiCSD itself would publish (see `aicsd.callback_rules`)."""
+        value = value.strip()
+        parse_callback_url(value, info.field_name or "")
+        return value
 
     @model_validator(mode="after")
     def _same_job(self) -> JobRequest:
-        _, job_a, task_a = split_callback(self.JobUpdateUrl, JOB_UPDATE_PATH, "")
-        _, job_b, task_b = split_callback(self.PipelineStatusUrl, STATUS_PATH, "")
-        if (job_a, task_a) != (job_b, task_b):
+        update, status = self.callback_urls()
+        if (update.job_id, update.task_id) != (status.job_id, status.task_id):
             raise ValueError(
-                f"JobUpdateUrl names job {job_a}/task {task_a} but PipelineStatusUrl names "
-                f"job {job_b}/task {task_b}: both must name the same job and task"
+                f"JobUpdateUrl names job {update.job_id}/task {update.task_id} but PipelineStatusUrl names "
+                f"job {status.job_id}/task {status.task_id}: both must name the same job and task"
             )
         return self
+
+    def callback_urls(self) -> tuple[CallbackUrl, CallbackUrl]:
+        """The two callback URLs, parsed: (JobUpdateUrl, PipelineStatusUrl)."""
+        return (parse_callback_url(self.JobUpdateUrl, "JobUpdateUrl"),
+                parse_callback_url(self.PipelineStatusUrl, "PipelineStatusUrl"))
 
 
 @dataclass(frozen=True)
@@ -160,6 +166,11 @@ class CallbackUrls:
     task_id: str
     job_update: str
     pipeline_status: str
+
+    @property
+    def task(self) -> str:
+        """The task launcher's GET /api/v1/task/<taskid>, which names the task's pipeline (contract section 1)."""
+        return task_url(self.pipeline_status)
 
 
 @dataclass(frozen=True)
@@ -187,17 +198,16 @@ class Job:
     @classmethod
     def from_request(cls, request: JobRequest, allowed_hosts: frozenset[str]) -> Job:
         """Apply the deployment's callback-host rule; raise `JobRejected` naming the field."""
-        job_parts, job_id, task_id = split_callback(request.JobUpdateUrl, JOB_UPDATE_PATH, "")
-        status_parts, _, _ = split_callback(request.PipelineStatusUrl, STATUS_PATH, "")
-        for field, parts in (("JobUpdateUrl", job_parts), ("PipelineStatusUrl", status_parts)):
-            if not host_allowed(parts, allowed_hosts):
+        update, status = request.callback_urls()
+        for field, url in (("JobUpdateUrl", update), ("PipelineStatusUrl", status)):
+            if not host_allowed(url, allowed_hosts):
                 raise JobRejected(
                     field,
-                    f"callback host {parts.netloc!r} is not allowed; add it to "
+                    f"callback host '{shown(url.netloc)}' is not allowed; add it to "
                     "PIPELINE_CALLBACK_HOSTS if AiCSD really lives there",
                 )
         return cls(
-            callbacks=CallbackUrls(job_id, task_id, request.JobUpdateUrl, request.PipelineStatusUrl),
+            callbacks=CallbackUrls(update.job_id, update.task_id, update.url, status.url),
             input_file=Path(request.InputFileLocation),
             output_folder=Path(request.OutputFileFolder),
             params=ModelParams(request.ModelParams),

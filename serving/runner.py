@@ -13,7 +13,7 @@ from pathlib import Path
 
 from aicsd.errors import JobDeferred, ModelError, PipelineError
 from aicsd.job import Job, ModelParams
-from aicsd.logs import JobLog
+from aicsd.logs import JobLog, shown
 from aicsd.outcome import PipelineOutcome
 from pipeline.base import Pipeline, PipelineTask
 from pipeline.classification import ClassificationPipeline
@@ -126,7 +126,7 @@ class PipelineRunner:
         files before they get their names. Only exceptions that are not `PipelineError` escape.
         """
         job_log = JobLog(log, job.job_id, job.task_id)
-        job_log.info("received from gateway %s", job.gateway_ip or "(not given)")
+        job_log.info("received from gateway %s", shown(job.gateway_ip) if job.gateway_ip else "(not given)")
 
         def task() -> PipelineTask:
             roots = self.settings.file_roots
@@ -158,15 +158,15 @@ class PipelineRunner:
         try:
             model_name = model()
             task = make_task()
-            job_log.info("running model %s on %s", model_name, task.input_file)
+            job_log.info("running model %s on %s", shown(model_name), shown(task.input_file))
             outcome = self.pipeline(model_name).run(task)
         except PipelineError as exc:
-            job_log.warning("pipeline failed: %s", exc)
+            job_log.warning("pipeline failed: %s", shown(exc, 1000))
             return PipelineOutcome.failed(str(exc))
         except JobDeferred:
             raise
         except Exception:
             job_log.exception("pipeline crashed")
             return PipelineOutcome.failed("internal error in the pipeline service; see its log")
-        job_log.info("pipeline complete: %s", outcome.results)
+        job_log.info("pipeline complete: %s", shown(outcome.results, 1000))
         return outcome

@@ -89,9 +89,12 @@ def test_field_of_wrong_json_type_is_named():
         ("job-repository:59784/api/v1/job/pipeline/a/b", "http or https"),
         ("http:///api/v1/job/pipeline/a/b", "no host"),
         ("http://job-repository:99999/api/v1/job/pipeline/a/b", "invalid port"),
-        ("http://job-repository:59784/api/v1/job/a/b", "must end with"),
-        ("http://job-repository:59784/api/v1/job/pipeline/a", "must end with"),
+        ("http://job-repository:59784/api/v1/job/a/b", "exactly the path"),
+        ("http://job-repository:59784/api/v1/job/pipeline/a", "exactly the path"),
         ("http://user:pw@job-repository:59784/api/v1/job/pipeline/a/b", "credentials"),
+        ("http://127.0.0.1:59784/admin/delete-everything/api/v1/job/pipeline/a/b?cmd=drop", "no query"),
+        ("http://127.0.0.1:59784/admin/delete-everything/api/v1/job/pipeline/a/b", "exactly the path"),
+        ("http://job-repository:59784/api/v1/job/pipeline/a\u20ac/b", "not ASCII"),
     ],
 )
 def test_malformed_job_update_url_is_rejected_with_the_reason(url, problem):
@@ -99,6 +102,16 @@ def test_malformed_job_update_url_is_rejected_with_the_reason(url, problem):
         JobRequest.model_validate(seed(JobUpdateUrl=url))
     assert "JobUpdateUrl" in error_fields(info.value)
     assert problem in str(info.value)
+
+
+def test_callback_url_with_surrounding_spaces_is_kept_without_them():
+    request = JobRequest.model_validate(seed(JobUpdateUrl=f" {SEED_EXAMPLE['JobUpdateUrl']}\n"))
+    assert request.JobUpdateUrl == SEED_EXAMPLE["JobUpdateUrl"]
+
+
+def test_a_job_knows_its_task_launcher_task_url():
+    job = Job.from_request(JobRequest.model_validate(SEED_EXAMPLE), ALLOWED)
+    assert job.callbacks.task == f"http://task-launcher:59785/api/v1/task/{TASK_ID}"
 
 
 def test_status_url_pointing_at_the_job_repository_path_is_rejected():
@@ -122,6 +135,13 @@ def test_callback_host_not_in_the_allow_list_is_rejected_naming_the_field(field)
         Job.from_request(JobRequest.model_validate(body), ALLOWED)
     assert info.value.field == field
     assert "PIPELINE_CALLBACK_HOSTS" in str(info.value)
+
+
+def test_allow_list_entry_for_ipv6_in_brackets_admits_the_job():
+    body = seed(JobUpdateUrl=SEED_EXAMPLE["JobUpdateUrl"].replace("job-repository", "[::1]"),
+                PipelineStatusUrl=SEED_EXAMPLE["PipelineStatusUrl"].replace("task-launcher", "[::1]"))
+    job = Job.from_request(JobRequest.model_validate(body), frozenset({"[::1]"}))
+    assert job.callbacks.job_update.startswith("http://[::1]:59784/")
 
 
 def test_allow_list_entry_with_port_admits_only_that_port():

@@ -63,7 +63,7 @@ def test_bad_callback_host_entries_are_refused(raw):
 
 
 def test_ipv6_callback_hosts_are_accepted():
-    assert Settings.from_env({"PIPELINE_CALLBACK_HOSTS": "[::1]:8080,::1"}).callback_hosts == {"[::1]:8080", "::1"}
+    assert Settings.from_env({"PIPELINE_CALLBACK_HOSTS": "[::1]:8080,::1"}).callback_hosts == {"[::1]:8080", "[::1]"}
 
 
 def test_log_level_is_a_declared_setting():
