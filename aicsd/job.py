@@ -107,14 +107,17 @@ class JobRequest(BaseModel):
         json_schema_extra={"example": SEED_EXAMPLE},
     )
 
-    InputFileLocation: str = Field(min_length=1, description="Absolute path of the job's input file")
-    OutputFileFolder: str = Field(min_length=1, description="Absolute path of the folder for output files")
+    # Lengths: Linux's PATH_MAX for paths, a host name's 253 characters for the gateway address.
+    InputFileLocation: str = Field(min_length=1, max_length=4096, description="Absolute path of the job's input file")
+    OutputFileFolder: str = Field(
+        min_length=1, max_length=4096, description="Absolute path of the folder for output files"
+    )
     ModelParams: dict[str, str] | None = Field(
         default=None, description="Task parameters typed in the AiCSD UI, e.g. Model, TopK, MinConfidence"
     )
     JobUpdateUrl: str = Field(description="AiCSD job repository URL: PUT the job update here first")
     PipelineStatusUrl: str = Field(description="AiCSD task launcher URL: POST the status here second")
-    GatewayIP: str = Field(default="", description="Gateway address, added by the MQTT bridge")
+    GatewayIP: str = Field(default="", max_length=253, description="Gateway address, added by the MQTT bridge")
 
     @field_validator("ModelParams", mode="before")
     @classmethod

@@ -141,13 +141,27 @@ def test_a_newline_in_the_input_file_location_cannot_forge_a_log_line(service, a
     assert f"{marker}.png\\n{FORGED[:40]}" in written
 
 
-def test_a_10_mb_gateway_ip_does_not_become_a_10_mb_log_line(service, aicsd, client, file_root):
+def test_a_10_mb_gateway_ip_is_refused_naming_the_field_in_one_short_log_line(service, aicsd, client, file_root):
     marker = f"flood-{uuid.uuid4().hex}"
     gateway = marker + "9" * 10_000_000
     job, body = job_body(aicsd, file_root, GatewayIP=gateway)
     before = len(service.log_text())
     response = client.post(f"{service.url}/classify", json=body)
-    assert response.status_code == 200, response.text[:500]
+    assert response.status_code == 400 and "GatewayIP" in response.text
+    assert len(response.content) < 5000
+    written = new_log(service, before, "GatewayIP")
+    assert "GatewayIP" in written
+    assert max(len(line) for line in written.splitlines()) < 2000
+    assert aicsd.requests_for(job.job_id) == []
+
+
+def test_a_long_input_path_is_cut_in_the_log_and_says_how_long_it_was(service, aicsd, client, file_root):
+    marker = f"long-{uuid.uuid4().hex}"
+    path = str(file_root / "input" / (marker + "x" * 3000 + ".png"))
+    job, body = job_body(aicsd, file_root, InputFileLocation=path)
+    before = len(service.log_text())
+    response = client.post(f"{service.url}/classify", json=body)
+    assert response.status_code == 200 and response.json()["Status"] == "PipelineFailed"
     written = new_log(service, before, marker)
-    assert f"({len(gateway)} characters)" in written
+    assert marker in written and " characters)" in written
     assert max(len(line) for line in written.splitlines()) < 2000
