@@ -3,6 +3,9 @@
 Each file is written under a temporary name in the output folder, then linked into place with a
 call that fails when the name is taken, so an existing file is never replaced: the next free
 numbered suffix (`-1`, `-2`, ...) keeps both. Files written together share one suffix.
+
+Every create, link and unlink is relative to the folder's open descriptor (`dir_fd`), never to
+its path, so the folder being swapped for a symbolic link mid-job cannot send a file elsewhere.
 """
 
 from __future__ import annotations
@@ -10,13 +13,16 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Callable, Sequence
-from pathlib import Path
+from typing import BinaryIO
 
 from aicsd.errors import InputFileError
 
+from .base import OutputFolder
+
 __all__ = ["publish_together"]
 
-Writer = Callable[[Path], None]
+Writer = Callable[[BinaryIO], None]
+"""Writes a file's whole content to a binary handle (seekable, opened for writing)."""
 
 
 def _numbered(name: str, number: int) -> str:
@@ -26,29 +32,51 @@ def _numbered(name: str, number: int) -> str:
     return f"{stem}-{number}{dot}{ext}"
 
 
-def publish_together(folder: Path, files: Sequence[tuple[str, Writer]], max_tries: int = 1000) -> list[Path]:
-    """Write each (name, writer) to a temporary file, then give all of them their final names."""
-    temporaries: list[Path] = []
+def _write_temporary(folder: OutputFolder, name: str, write: Writer) -> None:
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+    def opener(path: str, _: int) -> int:
+        return os.open(path, flags, 0o644, dir_fd=folder.fd)
+
+    # Opened through `open` so the handle has a name (tifffile wants one), created in the folder.
+    with open(name, "w+b", opener=opener) as handle:
+        write(handle)
+
+
+def publish_together(folder: OutputFolder, files: Sequence[tuple[str, Writer]], max_tries: int = 1000) -> list[str]:
+    """Write each (name, writer) to a temporary file, then give all of them their final names.
+
+    Returns the final names, in the order given.
+    """
+    temporaries: list[str] = []
     try:
         for name, write in files:
-            temporary = folder / f".{name}.{uuid.uuid4().hex}.partial"
+            temporary = f".{name}.{uuid.uuid4().hex}.partial"
             temporaries.append(temporary)
-            write(temporary)
+            _write_temporary(folder, temporary, write)
         for number in range(max_tries):
-            finals = [folder / _numbered(name, number) for name, _ in files]
-            linked: list[Path] = []
+            finals = [_numbered(name, number) for name, _ in files]
+            linked: list[str] = []
             try:
                 for temporary, final in zip(temporaries, finals):
-                    os.link(temporary, final)  # fails if `final` exists: nothing is overwritten
+                    # Fails if `final` exists: nothing is overwritten.
+                    os.link(temporary, final, src_dir_fd=folder.fd, dst_dir_fd=folder.fd, follow_symlinks=False)
                     linked.append(final)
             except FileExistsError:
-                for path in linked:
-                    path.unlink()
+                for name in linked:
+                    os.unlink(name, dir_fd=folder.fd)
                 continue
             return finals
-        raise InputFileError(f"OutputFileFolder '{folder}' already holds {max_tries} numbered copies of {files[0][0]}")
+        raise InputFileError(
+            f"OutputFileFolder '{folder.dir_name}' already holds {max_tries} numbered copies of {files[0][0]}"
+        )
     except OSError as exc:
-        raise InputFileError(f"cannot write output files into '{folder}': {exc.strerror or exc}") from None
+        raise InputFileError(
+            f"cannot write output files into '{folder.dir_name}': {exc.strerror or exc}"
+        ) from None
     finally:
         for temporary in temporaries:
-            temporary.unlink(missing_ok=True)
+            try:
+                os.unlink(temporary, dir_fd=folder.fd)
+            except FileNotFoundError:
+                pass

@@ -12,13 +12,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from aicsd.logs import JobLog
-from pipeline.base import Pipeline, PipelineTask
+from pipeline.base import InputFile, OutputFolder, Pipeline, PipelineTask
 from pipeline.classification import ClassificationPipeline
 from pipeline.counting import CountingPipeline
 from aicsd.errors import ModelError, PipelineError
 from aicsd.job import Job, ModelParams
 
-from .files import resolve_inside
+from .files import open_input_file, open_output_folder
+from pipeline.memory import MIB, MemoryBudget
 from pipeline.model_repository import CompiledModel, ModelRepository
 from aicsd.outcome import PipelineOutcome
 from .settings import Settings
@@ -44,6 +45,7 @@ class PipelineRunner:
         self.repository = repository
         self._pipelines: dict[str, Pipeline] = {}
         self._lock = threading.Lock()
+        self.image_memory = MemoryBudget(settings.image_memory_mb * MIB)
 
     def pipeline(self, model_name: str) -> Pipeline:
         """The pipeline serving `model_name`, compiled and built on first use."""
@@ -89,35 +91,36 @@ class PipelineRunner:
         """Run a job from the service: paths must lie inside the file roots. Never raises."""
         job_log = JobLog(log, job.job_id, job.task_id)
         job_log.info("received from gateway %s", job.gateway_ip or "(not given)")
-
-        def task() -> PipelineTask:
-            roots = self.settings.file_roots
-            return PipelineTask(
-                input_file=resolve_inside(job.input_file, roots, "InputFileLocation", want_dir=False),
-                output_folder=resolve_inside(job.output_folder, roots, "OutputFileFolder", want_dir=True),
-                params=job.params,
-                log=job_log,
-            )
-
-        return self._run(task, job.params, job_log)
+        roots = self.settings.file_roots
+        return self._run(
+            lambda: open_input_file(job.input_file, roots),
+            lambda: open_output_folder(job.output_folder, roots),
+            job.params,
+            job_log,
+        )
 
     def run_local(self, input_file: Path, output_folder: Path, params: ModelParams) -> PipelineOutcome:
         """Run a pipeline on a local file with no file-root rule, for pipeline authors' CLI."""
         job_log = JobLog(log, "local", input_file.name)
-
-        def task() -> PipelineTask:
-            return PipelineTask(input_file, output_folder, params, job_log)
-
-        return self._run(task, params, job_log)
+        return self._run(
+            lambda: open_input_file(input_file, None),
+            lambda: open_output_folder(output_folder, None),
+            params,
+            job_log,
+        )
 
     def _run(
-        self, make_task: Callable[[], PipelineTask], params: ModelParams, job_log: logging.LoggerAdapter  # type: ignore[type-arg]
+        self,
+        open_input: Callable[[], InputFile],
+        open_output: Callable[[], OutputFolder],
+        params: ModelParams,
+        job_log: logging.LoggerAdapter,  # type: ignore[type-arg]
     ) -> PipelineOutcome:
         try:
-            task = make_task()
-            model_name = self.model_name(params)
-            job_log.info("running model %s on %s", model_name, task.input_file)
-            outcome = self.pipeline(model_name).run(task)
+            with self._task(open_input, open_output, params, job_log) as task:
+                model_name = self.model_name(params)
+                job_log.info("running model %s on %s", model_name, task.input_file.path)
+                outcome = self.pipeline(model_name).run(task)
         except PipelineError as exc:
             job_log.warning("pipeline failed: %s", exc)
             return PipelineOutcome.failed(str(exc))
@@ -126,3 +129,26 @@ class PipelineRunner:
             return PipelineOutcome.failed("internal error in the pipeline service; see its log")
         job_log.info("pipeline complete: %s", outcome.results)
         return outcome
+
+    def _task(
+        self,
+        open_input: Callable[[], InputFile],
+        open_output: Callable[[], OutputFolder],
+        params: ModelParams,
+        job_log: logging.LoggerAdapter,  # type: ignore[type-arg]
+    ) -> PipelineTask:
+        """Open the input file, then the output folder (closing the first if the second fails)."""
+        input_file = open_input()
+        try:
+            output_folder = open_output()
+        except BaseException:
+            input_file.close()
+            raise
+        return PipelineTask(
+            input_file,
+            output_folder,
+            params,
+            job_log,
+            max_pages=self.settings.max_pages,
+            memory=self.image_memory.claim(job_log),
+        )
