@@ -202,7 +202,7 @@ class CountingPipeline:
             task.output_folder,
             [
                 (f"{stem}-counted.tiff", lambda handle: _write_annotated(handle, pages, blobs, table)),
-                (f"{stem}-counts.csv", lambda handle: handle.write(table.encode("ascii"))),
+                (f"{stem}-counts.csv", lambda handle: _write_text(handle, table)),
             ],
         )
         results = {"CellCount": len(blobs), "Pages": per_page, "Model": self.model.name, **params.as_results()}
@@ -242,6 +242,10 @@ def _write_annotated(handle: BinaryIO, pages: list[np.ndarray], blobs: list[Blob
                 draw.ellipse((blob.x - r, blob.y - r, blob.x + r, blob.y + r), outline=(0, 255, 0), width=width)
             tif.write(np.asarray(image), photometric="rgb", compression="zlib", metadata=None,
                       description=table if number == 1 else None)
+
+
+def _write_text(handle: BinaryIO, text: str) -> None:
+    handle.write(text.encode("ascii"))
 
 
 TABLE_COLUMNS = ("page", "x", "y", "diameter", "intensity")

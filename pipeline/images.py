@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 import tifffile
@@ -155,8 +155,25 @@ def _file_size(handle: BinaryIO) -> int:
     return os.fstat(handle.fileno()).st_size
 
 
-# A TIFF plane to decode: its page, its shape and axes as tifffile reports them.
-_Plane = tuple["tifffile.TiffPage", tuple[int, ...], str]
+class _Part(NamedTuple):
+    """Something tifffile will decode (a page, or an ImageJ series): its reader and its tags' shape."""
+
+    read: Callable[[], np.ndarray]
+    shape: tuple[int, ...]
+    axes: str
+    dtype: np.dtype
+
+    def pixels(self, first_plane_only: bool) -> int:
+        """Pixels to decode, samples not counted: of its first plane only, or of all its planes."""
+        return math.prod(n for n, a in zip(self.shape, self.axes) if (a in "YX" if first_plane_only else a != "S"))
+
+    def bytes_per_pixel(self) -> int:
+        samples = math.prod(n for n, a in zip(self.shape, self.axes) if a == "S")
+        return samples * self.dtype.itemsize
+
+
+def _part(obj: tifffile.TiffPage | tifffile.TiffPageSeries) -> _Part:
+    return _Part(obj.asarray, obj.shape, obj.axes, obj.dtype or np.dtype(np.float64))
 
 
 def _read_tiff(
@@ -164,56 +181,35 @@ def _read_tiff(
 ) -> list[np.ndarray]:
     with tifffile.TiffFile(handle, name=name) as tif:
         if first_only:
-            first = tif.pages.first
-            parts: list[tuple[Callable[[], np.ndarray], tuple[int, ...], str]] = [(first.asarray, first.shape, first.axes)]
-            pages_checked: list[tifffile.TiffPage] = [first]
+            # Only the first page's tags are parsed, however many pages follow.
+            pages = [tif.pages.first]
+            parts = [_part(tif.pages.first)]
         else:
             _check_page_count(tif, name, max_pages)
             if tif.is_imagej:
-                series = tif.series[0]
-                parts = [(series.asarray, series.shape, series.axes)]
-                pages_checked = [p for p in series.pages if isinstance(p, tifffile.TiffPage)]
+                # ImageJ's description says how its planes are laid out (even past the page count).
+                parts = [_part(tif.series[0])]
+                pages = [p for p in tif.series[0].pages if isinstance(p, tifffile.TiffPage)]
             else:
-                pages_checked = [p for p in tif.pages if isinstance(p, tifffile.TiffPage) and not p.is_reduced]
-                parts = [(p.asarray, p.shape, p.axes) for p in pages_checked]
+                # Page by page, not tif.series: that compares every page with every other.
+                pages = [p for p in tif.pages if isinstance(p, tifffile.TiffPage) and not p.is_reduced]
+                parts = [_part(p) for p in pages]
         if not parts:
             raise ImageError(f"TIFF file '{name}' holds no image")
-        for _, _, axes in parts:
-            if not axes.replace("S", "").endswith("YX"):
-                raise ImageError(f"TIFF file '{name}' has no 2-D image plane (axes {axes})")
+        for part in parts:
+            if not part.axes.replace("S", "").endswith("YX"):
+                raise ImageError(f"TIFF file '{name}' has no 2-D image plane (axes {part.axes})")
         # Shapes come from the tags: nothing is decoded before the whole count is known.
-        planes = [_plane_count(shape, axes, first_only) for _, shape, axes in parts]
-        pixels = sum(planes)
+        pixels = sum(part.pixels(first_only) for part in parts)
         _check_pixels(name, pixels, max_pixels)
         size = _file_size(handle)
-        for page in pages_checked:
+        for page in pages:
             _check_tiff_data(page, name, size)
         if memory is not None:
-            decoded = sum(n * _bytes_per_pixel(shape, axes, dtype)
-                          for n, (_, shape, axes), dtype in zip(planes, parts, _dtypes(parts, pages_checked)))
+            decoded = sum(part.pixels(first_only) * part.bytes_per_pixel() for part in parts)
             memory.reserve(decoded + pixels * WORKING_BYTES_PER_PIXEL, f"image '{name}'")
-        pages = [page for read, shape, axes in parts for page in _split_pages(read(), shape, axes)]
-    return pages[:1] if first_only else pages
-
-
-def _plane_count(shape: tuple[int, ...], axes: str, first_only: bool) -> int:
-    """Pixels to decode: of one plane when only the first is wanted, else of all (samples not counted)."""
-    plane = math.prod(n for n, a in zip(shape, axes) if a in "YX")
-    if first_only:
-        return plane
-    return math.prod(n for n, a in zip(shape, axes) if a != "S")
-
-
-def _dtypes(parts: list, pages: list[tifffile.TiffPage]) -> list[np.dtype]:
-    dtype = pages[0].dtype if pages else np.dtype(np.float64)
-    if len(parts) == len(pages):
-        return [p.dtype or np.dtype(np.float64) for p in pages]
-    return [dtype or np.dtype(np.float64)] * len(parts)
-
-
-def _bytes_per_pixel(shape: tuple[int, ...], axes: str, dtype: np.dtype) -> int:
-    samples = math.prod(n for n, a in zip(shape, axes) if a == "S")
-    return samples * np.dtype(dtype).itemsize
+        planes = [plane for part in parts for plane in _split_pages(part.read(), part.shape, part.axes)]
+    return planes[:1] if first_only else planes
 
 
 def _check_page_count(tif: tifffile.TiffFile, name: str, max_pages: int) -> None:
@@ -342,9 +338,7 @@ def _jpeg_header(handle: BinaryIO) -> tuple[int, list[tuple[int, int]], int] | N
                 return None
         elif code == 0xDA:
             return (marker, components, handle.tell()) if marker is not None else None
-        elif code == 0xD9:
-            return None
-        elif code < 0xC0:
+        elif code == 0xD9 or code < 0xC0:  # the end before any scan, or not a marker at all
             return None
     return None
 
