@@ -1,9 +1,13 @@
 """Reading the job's input image: TIFF (tifffile), JPEG, PNG and BMP (Pillow).
 
 The reader is chosen by the file's signature, not its name, so a mislabelled file still reads
-and a file that is not an image gets a clear `ImageError`. The pixel count is checked from the
-header before any pixel data is decoded, so a huge image is refused instead of exhausting memory.
-Every failure while decoding becomes an `ImageError` whose message names the file.
+and a file that is not an image gets a clear `ImageError`. A job's file is read through its open
+descriptor (`InputFile`), never by path again. Before any pixel data is decoded, from the headers
+alone: the pixel count is checked (`max_pixels`), a TIFF's page count (`max_pages`, without
+parsing the pages past it), that the file holds enough data for the size it declares (so a forged
+or truncated header is refused, not padded with gray), and the image's memory is reserved from
+the job's claim on the budget (waiting for room if need be). Every failure while decoding becomes
+an `ImageError` whose message names the file.
 
 Limits: Pillow reads a 16-bit RGB PNG as 8-bit RGB, and an EXIF orientation tag is not applied.
 """

@@ -50,9 +50,10 @@ def swap_for_link(folder: Path, target: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def runner(built_models, tmp_path_factory):
-    def make(root: Path) -> PipelineRunner:
+    def make(root: Path, **env: str) -> PipelineRunner:
         settings = Settings.from_env(
-            {"PIPELINE_MODELS_DIR": str(built_models), "PIPELINE_FILE_ROOTS": str(root), "PIPELINE_CACHE_DIR": ""}
+            {"PIPELINE_MODELS_DIR": str(built_models), "PIPELINE_FILE_ROOTS": str(root), "PIPELINE_CACHE_DIR": "",
+             **env}
         )
         return PipelineRunner(settings, repository)
 
@@ -93,6 +94,34 @@ def test_folders_swapped_for_links_mid_job_are_neither_read_nor_written_outside_
     assert sorted(p.name for p in moved["out"].iterdir()) == ["cells-counted.tiff", "cells-counts.csv"]
     [listed] = outcome.output_files
     assert listed.dir_name == str(root / "out")
+
+
+def test_runner_gives_image_memory_back_after_every_job_so_the_next_one_never_waits_for_it(runner, places):
+    root, _ = places
+    # 128x128 16-bit costs about 160 kB: the 1 MB budget holds it, but not six of them at once.
+    chosen = runner(root, PIPELINE_IMAGE_MEMORY_MB="1")
+    outcomes = [chosen.run(counting_job(root / "in" / "cells.tiff", root / "out")) for _ in range(8)]
+    assert [o.status for o in outcomes] == ["PipelineComplete"] * 8
+    assert chosen.image_memory.used_bytes == 0
+
+
+def test_job_whose_image_exceeds_the_whole_memory_budget_fails_with_that_reason(runner, places):
+    root, _ = places
+    tifffile.imwrite(root / "in" / "big.tiff", np.zeros((400, 400), np.uint16))
+    chosen = runner(root, PIPELINE_IMAGE_MEMORY_MB="1")
+    outcome = chosen.run(counting_job(root / "in" / "big.tiff", root / "out"))
+    assert outcome.status == "PipelineFailed"
+    assert outcome.results == ("image 'big.tiff' needs about 2 MB to process, more than the whole image memory "
+                               "budget of 1 MB (PIPELINE_IMAGE_MEMORY_MB)")
+    assert list((root / "out").iterdir()) == [] and chosen.image_memory.used_bytes == 0
+
+
+def test_job_with_more_pages_than_allowed_fails_naming_the_setting(runner, places):
+    root, _ = places
+    tifffile.imwrite(root / "in" / "stack.tiff", np.zeros((5, 8, 8), np.uint8), photometric="minisblack")
+    outcome = runner(root, PIPELINE_MAX_PAGES="4").run(counting_job(root / "in" / "stack.tiff", root / "out"))
+    assert outcome.status == "PipelineFailed" and "has more than 4 pages" in outcome.results
+    assert "PIPELINE_MAX_PAGES" in outcome.results
 
 
 def checked_then_swapped(monkeypatch, folder: Path, target: Path) -> None:
