@@ -67,8 +67,9 @@ Box = tuple[float, float, float, float]
 Source = Path | InputFile
 """A path (opened here) or the job's already opened input file (read through its descriptor)."""
 
-# What an image costs in flight, besides its decoded pixels: room for two float32 planes (the
-# conversions to 8-bit and the counter's normalised page), charged per pixel to the memory budget.
+# What an image costs in flight besides its decoded pixels, per pixel of its largest page (pages
+# are processed one at a time): by default room for two float32 planes (the conversions to 8-bit).
+# A pipeline that needs more per page (the counter's scale space) says so.
 WORKING_BYTES_PER_PIXEL = 8
 
 
@@ -78,6 +79,7 @@ def read_pages(
     max_pixels: int,
     max_pages: int = DEFAULT_MAX_PAGES,
     memory: MemoryClaim | None = None,
+    working_bytes_per_pixel: int = WORKING_BYTES_PER_PIXEL,
     first_only: bool = False,
 ) -> list[np.ndarray]:
     """The image's pages (or only the first) with their own dtype, each HxW or HxWxC.
@@ -87,16 +89,17 @@ def read_pages(
     thumbnails are left out, and `first_only` parses the first page alone. Raises `ImageError`
     if the file is not a readable TIFF, JPEG, PNG or BMP, if the pixels to decode (all pages
     together) exceed `max_pixels`, a TIFF has more than `max_pages` pages, its data cannot fill
-    its declared size, or it needs more than the whole `memory` budget (for which it may wait).
+    its declared size, or it needs more than the whole `memory` budget (for which it may wait):
+    its decoded size plus `working_bytes_per_pixel` for each pixel of its largest page.
     """
     with _opened(source) as (handle, name):
         kind = _kind(handle, name)
         with _decoding(name):
             if kind == "tiff":
-                pages = _read_tiff(handle, name, max_pixels, max_pages, memory, first_only)
+                pages = _read_tiff(handle, name, max_pixels, max_pages, memory, first_only, working_bytes_per_pixel)
             else:
                 with _open_pillow(handle, name, kind, max_pixels) as image:
-                    _reserve(memory, image, name)
+                    _reserve(memory, image, name, working_bytes_per_pixel)
                     pages = [_pillow_array(image)]
     _log.debug("read %s: %d page(s) of %s %s", name, len(pages), pages[0].shape, pages[0].dtype)
     return pages
@@ -181,7 +184,13 @@ def _part(obj: tifffile.TiffPage | tifffile.TiffPageSeries) -> _Part:
 
 
 def _read_tiff(
-    handle: BinaryIO, name: str, max_pixels: int, max_pages: int, memory: MemoryClaim | None, first_only: bool
+    handle: BinaryIO,
+    name: str,
+    max_pixels: int,
+    max_pages: int,
+    memory: MemoryClaim | None,
+    first_only: bool,
+    working_bytes_per_pixel: int = WORKING_BYTES_PER_PIXEL,
 ) -> list[np.ndarray]:
     with tifffile.TiffFile(handle, name=name) as tif:
         if first_only:
@@ -211,7 +220,8 @@ def _read_tiff(
             _check_tiff_data(page, name, size)
         if memory is not None:
             decoded = sum(part.pixels(first_only) * part.bytes_per_pixel() for part in parts)
-            memory.reserve(decoded + pixels * WORKING_BYTES_PER_PIXEL, f"image '{name}'")
+            largest = max(part.pixels(first_plane_only=True) for part in parts)
+            memory.reserve(decoded + largest * working_bytes_per_pixel, f"image '{name}'")
         planes = [plane for part in parts for plane in _split_pages(part.read(), part.shape, part.axes)]
     return planes[:1] if first_only else planes
 
@@ -269,14 +279,14 @@ def _open_pillow(handle: BinaryIO, name: str, kind: str, max_pixels: int) -> Ima
     return image
 
 
-def _reserve(memory: MemoryClaim | None, image: Image.Image, name: str) -> None:
+def _reserve(memory: MemoryClaim | None, image: Image.Image, name: str, working_bytes_per_pixel: int) -> None:
     """Hold the budget for a Pillow image at the size it will decode to (after any draft)."""
     if memory is None:
         return
     pixels = image.width * image.height
     # Pillow keeps multi-band pixels in 4 bytes; the numpy copy is as large again.
     stored = 4 if len(image.getbands()) > 1 or image.mode in ("I", "F") else 2 if image.mode.startswith("I;16") else 1
-    memory.reserve(pixels * (2 * stored + WORKING_BYTES_PER_PIXEL), f"image '{name}'")
+    memory.reserve(pixels * (2 * stored + working_bytes_per_pixel), f"image '{name}'")
 
 
 _SOF_BASELINE = {0xC0, 0xC1}  # Huffman, sequential: every block costs at least 2 bits (DC + EOB codes)
@@ -490,7 +500,7 @@ def load_rgb(
             with _open_pillow(handle, name, kind, max_pixels) as image:
                 if kind == "jpeg":
                     _draft_jpeg(image, name, size, crop)
-                _reserve(memory, image, name)
+                _reserve(memory, image, name, WORKING_BYTES_PER_PIXEL)
                 image.load()
                 if image.mode in ("L", "RGB"):
                     return _fit(image, _source_box(image.width, image.height, size, crop), size)

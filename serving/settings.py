@@ -54,7 +54,7 @@ class Settings(DeclaredSettings):
     max_pixels: int = Field(100_000_000, gt=0, description="largest image (width x height) a job may bring")
     max_pages: int = Field(1000, gt=0, description="most pages a TIFF may have (more are refused unparsed)")
     image_memory_mb: int = Field(
-        2048, gt=0, description="MB of images in flight (decoded pixels + working space); jobs wait for room"
+        4096, gt=0, description="MB of images in flight (decoded pixels + working space); jobs wait for room"
     )
     callback_tries: int = Field(5, gt=0, description="attempts per AiCSD callback")
     callback_backoff: float = Field(2.0, ge=0, allow_inf_nan=False, description="seconds before the 2nd attempt")

@@ -98,8 +98,8 @@ def test_folders_swapped_for_links_mid_job_are_neither_read_nor_written_outside_
 
 def test_runner_gives_image_memory_back_after_every_job_so_the_next_one_never_waits_for_it(runner, places):
     root, _ = places
-    # 128x128 16-bit costs about 160 kB: the 1 MB budget holds it, but not six of them at once.
-    chosen = runner(root, PIPELINE_IMAGE_MEMORY_MB="1")
+    # Counting 128x128 16-bit costs about 3 MB: the 8 MB budget holds it, but not three of them at once.
+    chosen = runner(root, PIPELINE_IMAGE_MEMORY_MB="8")
     outcomes = [chosen.run(counting_job(root / "in" / "cells.tiff", root / "out")) for _ in range(8)]
     assert [o.status for o in outcomes] == ["PipelineComplete"] * 8
     assert chosen.image_memory.used_bytes == 0
@@ -108,11 +108,12 @@ def test_runner_gives_image_memory_back_after_every_job_so_the_next_one_never_wa
 def test_job_whose_image_exceeds_the_whole_memory_budget_fails_with_that_reason(runner, places):
     root, _ = places
     tifffile.imwrite(root / "in" / "big.tiff", np.zeros((400, 400), np.uint16))
-    chosen = runner(root, PIPELINE_IMAGE_MEMORY_MB="1")
+    chosen = runner(root, PIPELINE_IMAGE_MEMORY_MB="8")
     outcome = chosen.run(counting_job(root / "in" / "big.tiff", root / "out"))
     assert outcome.status == "PipelineFailed"
-    assert outcome.results == ("image 'big.tiff' needs about 2 MB to process, more than the whole image memory "
-                               "budget of 1 MB (PIPELINE_IMAGE_MEMORY_MB)")
+    # 160,000 pixels x (2 bytes decoded + 179 of the counter's scale space) = 27.6 MB
+    assert outcome.results == ("image 'big.tiff' needs about 28 MB to process, more than the whole image memory "
+                               "budget of 8 MB (PIPELINE_IMAGE_MEMORY_MB)")
     assert list((root / "out").iterdir()) == [] and chosen.image_memory.used_bytes == 0
 
 
