@@ -221,3 +221,21 @@ def test_a_nul_byte_in_a_path_fails_the_job_with_that_reason(service, aicsd, cli
     body[field] = body[field] + "\x00.png"
     reason = failed_job(aicsd, client, service, body, job)
     assert reason.startswith(f"{field} contains a NUL byte")
+
+
+@pytest.mark.integration
+def test_jpeg_whose_header_claims_more_than_its_data_fails_the_job_as_incomplete(service, aicsd, client, file_root):
+    import io
+    import struct
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(buffer, "JPEG")
+    data = bytearray(buffer.getvalue())
+    struct.pack_into(">HH", data, data.find(b"\xff\xc0") + 5, 10000, 10000)
+    image = file_root / "input" / f"{uuid.uuid4()}.jpg"
+    image.write_bytes(bytes(data))
+    job, body = job_body(aicsd, image, file_root / "output")
+    reason = failed_job(aicsd, client, service, body, job)
+    assert reason.startswith(f"image '{image.name}' is incomplete: it declares 10000x10000 pixels")

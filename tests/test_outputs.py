@@ -51,3 +51,18 @@ def test_classification_job_lists_no_files_and_completes(service, aicsd, client,
     assert classify(client, service, body).status_code == 200
     state = aicsd.wait_for_status(job.job_id, timeout=30)
     assert state.ended == "complete" and state.output_files == [] and state.viewable == []
+
+
+def test_counting_pages_of_different_sizes_lists_one_viewable_tiff_with_a_page_each(service, aicsd, client, file_root):
+    image = file_root / "input" / f"{uuid.uuid4()}.tiff"
+    sizes = (160, 96)
+    with tifffile.TiffWriter(image) as tif:
+        for seed, size in zip((51, 52), sizes):
+            tif.write(make_image(seed, bits=16, count=8, touching_pairs=0, size=size).pixels)
+    job, body = job_body(aicsd, image, file_root / "output", Model="cell-counter")
+    response = classify(client, service, body)
+    assert response.status_code == 200 and response.json()["Status"] == "PipelineComplete", response.text
+    state = aicsd.wait_for_status(job.job_id, timeout=30)
+    assert state.ended == "complete" and state.viewable == [f"{image.stem}-counted.jpeg"]
+    with tifffile.TiffFile(file_root / "output" / f"{image.stem}-counted.tiff") as tif:
+        assert [p.shape for p in tif.pages] == [(s, s, 3) for s in sizes]
