@@ -45,14 +45,33 @@ def create_inference_response(
     results: str | Mapping[str, Any],
     pipelineStatus: str = COMPLETE,
     qc_flags: str = "",
-    output_files: Iterable[str | Path] = (),
+    output_files: Iterable[str | Path | Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
-    """The job-update body for a pipeline's results (a string, or a mapping sent as compact JSON)."""
+    """The job-update body for a pipeline's results (a string, or a mapping sent as compact JSON).
+
+    Each output file is a path, or a mapping of AiCSD's OutputFile fields (`DirName`, `Name`,
+    `Extension`, ...). `Extension` always carries its dot (".tiff"): AiCSD's file sender names
+    the web UI's copy by replacing it with ".jpeg", so "tiff" would give "a..jpeg".
+    """
     if pipelineStatus not in (COMPLETE, FAILED):
         raise ValueError(f"pipelineStatus must be {COMPLETE} or {FAILED}, got {pipelineStatus!r}")
     text = results if isinstance(results, str) else json.dumps(results, separators=(",", ":"))
-    files = tuple(OutputFile(Path(p)) for p in output_files)
-    return job_update_body(PipelineOutcome(pipelineStatus, qc_flags=qc_flags, output_files=files, results=text))  # type: ignore[arg-type]
+    items = list(output_files)
+    files = tuple(OutputFile(Path(p)) for p in items if not isinstance(p, Mapping))
+    body = job_update_body(PipelineOutcome(pipelineStatus, qc_flags=qc_flags, output_files=files, results=text))  # type: ignore[arg-type]
+    from_paths = iter(body["OutputFiles"])
+    body["OutputFiles"] = [_file_entry(p) if isinstance(p, Mapping) else next(from_paths) for p in items]
+    return body
+
+
+def _file_entry(given: Mapping[str, Any]) -> dict[str, Any]:
+    """An OutputFile entry from a caller's mapping: AiCSD's defaults, and the dot on `Extension`."""
+    entry: dict[str, Any] = {"DirName": "", "Name": "", "Extension": "", "Status": "", "ErrorDetails": None, "Owner": ""}
+    entry.update(given)
+    name = str(entry["Name"])
+    extension = str(entry["Extension"] or Path(name).suffix)
+    entry["Extension"] = extension if not extension or extension.startswith(".") else f".{extension}"
+    return entry
 
 
 def send_pipeline_inference_results(

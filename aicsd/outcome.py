@@ -15,13 +15,24 @@ FAILED: Status = "PipelineFailed"
 
 @dataclass(frozen=True)
 class OutputFile:
-    """A file the pipeline wrote, complete on disk, to be shipped back by AiCSD."""
+    """A file the pipeline wrote, complete on disk, to be shipped back by AiCSD.
+
+    AiCSD's file sender turns every listed file into a JPEG for its web UI, so list only images
+    (JPEG, PNG, GIF, TIFF, BMP). `folder` is the `OutputFileFolder` exactly as AiCSD sent it
+    (its containers know that path, not one with links resolved); without it, the path's parent.
+    """
 
     path: Path
+    folder: str | None = None
+
+    @classmethod
+    def in_folder(cls, folder: str, name: str) -> OutputFile:
+        """The file `name` in the output folder `folder`, as the job named the folder."""
+        return cls(Path(folder) / name, folder)
 
     @property
     def dir_name(self) -> str:
-        return str(self.path.parent)
+        return self.folder if self.folder is not None else str(self.path.parent)
 
     @property
     def name(self) -> str:
@@ -29,7 +40,8 @@ class OutputFile:
 
     @property
     def extension(self) -> str:
-        return self.path.suffix.lstrip(".")
+        """The name's extension with its dot (".tiff"), as AiCSD's own pipelines send it."""
+        return self.path.suffix
 
 
 @dataclass(frozen=True)

@@ -141,7 +141,8 @@ def counting_stages(inputs: dict[str, list[Path]], out: Path, repeats: int) -> l
         counter.detect(page, gray, quality, params, 1)
         infer.append(time.perf_counter() - start)
         start = time.perf_counter()
-        counter.run(PipelineTask(path, out, ModelParams({}), JobLog(log, "bench", str(n))))
+        with PipelineTask.local(path, out, ModelParams({}), JobLog(log, "bench", str(n))) as task:
+            counter.run(task)
         whole.append(time.perf_counter() - start)
     return [
         summarise("counting 2048x2048 16-bit", "read TIFF", read, sum(read)),

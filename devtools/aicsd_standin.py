@@ -14,17 +14,23 @@ does); `Status` not exactly PipelineComplete/PipelineFailed -> 400; else 200.
 GET task: the task as the Go handler marshals it (Go field names), 500 for an unknown task id.
 POST: unknown job or task mismatch -> 400; body (trimmed, any case) not a status -> 400; not
 equal to the status stored by a successful PUT -> 400; else 200, after checking that every listed
-output file exists on disk (a missing one ends the job in error, as the file sender would).
+output file exists on disk (a missing one ends the job in error) and doing what AiCSD's file
+sender does with each: open it as an image (JPEG, PNG, GIF, TIFF, BMP) and convert it to a JPEG
+named by replacing the file's `Extension` with ".jpeg" once (Go's `strings.Replace(name, ext,
+".jpeg", 1)`). At the first file that does not open as an image it answers 500 and the job ends
+in error; the names of the viewable copies made are recorded in `JobState.viewable`.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
 import threading
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -80,6 +86,8 @@ class JobState:
     statuses: int = 0
     missing_files: list[str] = field(default_factory=list)
     published_results: list[str] = field(default_factory=list)
+    viewable: list[str] = field(default_factory=list)  # the file sender's JPEG copies, by name
+    file_sender_error: str | None = None
     ended: str | None = None
     ended_at: float | None = None  # wall-clock time of the accepted status
 
@@ -101,6 +109,27 @@ def _string(obj: dict[str, Any], key: str, where: str) -> str:
     if not isinstance(value, str):
         raise ContractError(f"{where}{key}: cannot unmarshal {type(value).__name__} into string")
     return value
+
+
+VIEWABLE_FORMATS = ("JPEG", "PNG", "GIF", "TIFF", "BMP")  # what the file sender's imgconv opens
+
+
+def viewable_name(name: str, extension: str) -> str:
+    """The name of the file sender's JPEG copy: `Extension` replaced by ".jpeg", once, as Go does."""
+    return name.replace(extension, ".jpeg", 1)
+
+
+def to_viewable_jpeg(path: Path) -> bytes:
+    """The file as a JPEG, as AiCSD's file sender makes it; raises if it is not an image it opens."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path, formats=VIEWABLE_FORMATS) as image:
+            image.load()
+            out = io.BytesIO()
+            image.convert("RGB").save(out, "JPEG")
+    return out.getvalue()
 
 
 def parse_job_update(raw: bytes) -> dict[str, Any]:
@@ -376,8 +405,27 @@ class AicsdStandIn:
             state.ended = "error"
         else:
             state.ended = "complete" if canonical == "PipelineComplete" else "failed"
+            problem = self._send_files(state)
+            if problem is not None:
+                state.ended = "error"
+                state.file_sender_error = problem
+                state.ended_at = time.time()
+                return 500, problem
         state.ended_at = time.time()
         return 200, ""
+
+    @staticmethod
+    def _send_files(state: JobState) -> str | None:
+        """The file sender: a viewable JPEG of every listed file, stopping at the first failure."""
+        state.viewable = []
+        for listed in state.output_files:
+            path = Path(listed["dirname"]) / listed["name"]
+            try:
+                to_viewable_jpeg(path)
+            except Exception as exc:  # noqa: BLE001 - any failure to open or convert is the file sender's 500
+                return f"failed to convert {path} to a viewable image: {exc}"
+            state.viewable.append(viewable_name(listed["name"], listed["extension"]))
+        return None
 
 
 class _Handler(BaseHTTPRequestHandler):

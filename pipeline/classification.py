@@ -87,6 +87,7 @@ class ClassificationPipeline:
             resize_type=info.resize_type,
             crop_fraction=info.crop_fraction,
             max_pixels=self.max_pixels,
+            memory=task.memory,
         )
         outputs = self.model.infer(image[np.newaxis])
         probabilities = to_probabilities(next(iter(outputs.values())))

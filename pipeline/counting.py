@@ -3,17 +3,22 @@
 The model (model_type `BlobCounting`, built by `make models` into `models/cell-counter`) finds
 local maxima of a difference-of-Gaussians scale space. This pipeline normalises each page,
 turns the model's peaks into blobs (centre, diameter, intensity), removes duplicates of one blob
-found at neighbouring scales, and writes `<stem>-counted.tiff` (the pages with the detections
-circled) and `<stem>-counts.csv` (page, x, y, diameter, intensity).
+found at neighbouring scales, and writes `<stem>-counted.tiff`: the pages with the detections
+circled, one TIFF page per input page (pages may differ in size), with the per-object table
+(page, x, y, diameter, intensity) as CSV text in the first page's ImageDescription tag. Only
+that TIFF is listed for AiCSD, whose file sender turns every listed file into a JPEG and fails
+on anything that is not an image; the same table is also left beside it as `<stem>-counts.csv`,
+not listed.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import tifffile
@@ -27,10 +32,13 @@ from .model_repository import CompiledModel, ModelInfo
 from .output_files import publish_together
 from aicsd.outcome import OutputFile, PipelineOutcome
 
-__all__ = ["Blob", "CountingParams", "CountingPipeline", "PageQuality", "page_quality"]
+__all__ = ["TABLE_COLUMNS", "Blob", "CountingParams", "CountingPipeline", "PageQuality", "blob_table", "page_quality"]
 
 SATURATED, LOW_CONTRAST, NO_OBJECTS = "Saturated", "LowContrast", "NoObjects"
 SATURATION_FRACTION = 0.01
+# Memory a page costs while the model runs, per pixel and per scale of its scale space (measured:
+# about 170 bytes a pixel with the 9 scales of models/cell-counter), charged to the image budget.
+WORKING_BYTES_PER_PIXEL_PER_SCALE = 19
 MIN_CONTRAST_TO_NOISE = 8.0
 
 
@@ -134,6 +142,7 @@ class CountingPipeline:
             raise ModelError(f"model '{model.name}' has no usable 'sigmas' in its model_info") from None
         self.model = model
         self.max_pixels = max_pixels
+        self.working_bytes_per_pixel = WORKING_BYTES_PER_PIXEL_PER_SCALE * len(self.sigmas) + 8
 
     def warm_up(self) -> None:
         side = max(64, self.min_side)
@@ -173,7 +182,8 @@ class CountingPipeline:
 
     def run(self, task: PipelineTask) -> PipelineOutcome:
         params = CountingParams.from_params(task.params, self.model.info)
-        pages = read_pages(task.input_file, max_pixels=self.max_pixels)
+        pages = read_pages(task.input_file, max_pixels=self.max_pixels, max_pages=task.max_pages,
+                           memory=task.memory, working_bytes_per_pixel=self.working_bytes_per_pixel)
         blobs: list[Blob] = []
         per_page: list[int] = []
         flags: list[str] = []
@@ -191,11 +201,12 @@ class CountingPipeline:
             flags.append(NO_OBJECTS)
         task.log.info("counted %d objects on %d page(s)", len(blobs), len(pages))
         stem = task.input_file.stem
-        written = publish_together(
+        table = blob_table(blobs)
+        annotated, _ = publish_together(
             task.output_folder,
             [
-                (f"{stem}-counted.tiff", lambda path: _write_annotated(path, pages, blobs)),
-                (f"{stem}-counts.csv", lambda path: _write_table(path, blobs)),
+                (f"{stem}-counted.tiff", lambda handle: _write_annotated(handle, pages, blobs, table)),
+                (f"{stem}-counts.csv", lambda handle: _write_text(handle, table)),
             ],
             record=task.record_files,
         )
@@ -203,7 +214,7 @@ class CountingPipeline:
         return PipelineOutcome.complete(
             json.dumps(results, separators=(",", ":")),
             qc_flags=",".join(flags),
-            output_files=tuple(OutputFile(path) for path in written),
+            output_files=(OutputFile.in_folder(task.output_folder.dir_name, annotated),),
         )
 
 
@@ -223,23 +234,33 @@ def _without_duplicates(xs: np.ndarray, ys: np.ndarray, radii: np.ndarray) -> li
     return kept
 
 
-def _write_annotated(path: Path, pages: list[np.ndarray], blobs: list[Blob]) -> None:
-    """Each page as 8-bit RGB with a circle around every detection (viewable in any TIFF viewer)."""
-    frames = []
-    for number, page in enumerate(pages, start=1):
-        image = Image.fromarray(to_rgb8(page))
-        draw = ImageDraw.Draw(image)
-        width = max(2, round(min(image.size) / 400))
-        for blob in (b for b in blobs if b.page == number):
-            r = blob.diameter / 2 + width
-            draw.ellipse((blob.x - r, blob.y - r, blob.x + r, blob.y + r), outline=(0, 255, 0), width=width)
-        frames.append(np.asarray(image))
-    tifffile.imwrite(path, np.stack(frames), photometric="rgb", compression="zlib")
+def _write_annotated(handle: BinaryIO, pages: list[np.ndarray], blobs: list[Blob], table: str) -> None:
+    """Each page as 8-bit RGB with a circle around every detection (viewable in any TIFF viewer),
+    one TIFF page per input page; the object table rides in the first page's ImageDescription."""
+    with tifffile.TiffWriter(handle) as tif:
+        for number, page in enumerate(pages, start=1):
+            image = Image.fromarray(to_rgb8(page))
+            draw = ImageDraw.Draw(image)
+            width = max(2, round(min(image.size) / 400))
+            for blob in (b for b in blobs if b.page == number):
+                r = blob.diameter / 2 + width
+                draw.ellipse((blob.x - r, blob.y - r, blob.x + r, blob.y + r), outline=(0, 255, 0), width=width)
+            tif.write(np.asarray(image), photometric="rgb", compression="zlib", metadata=None,
+                      description=table if number == 1 else None)
 
 
-def _write_table(path: Path, blobs: list[Blob]) -> None:
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["page", "x", "y", "diameter", "intensity"])
-        for blob in blobs:
-            writer.writerow([blob.page, f"{blob.x:g}", f"{blob.y:g}", f"{blob.diameter:g}", f"{blob.intensity:g}"])
+def _write_text(handle: BinaryIO, text: str) -> None:
+    handle.write(text.encode("ascii"))
+
+
+TABLE_COLUMNS = ("page", "x", "y", "diameter", "intensity")
+
+
+def blob_table(blobs: list[Blob]) -> str:
+    """The per-object table as CSV text: a header row, then one row per blob."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(TABLE_COLUMNS)
+    for blob in blobs:
+        writer.writerow([blob.page, f"{blob.x:g}", f"{blob.y:g}", f"{blob.diameter:g}", f"{blob.intensity:g}"])
+    return out.getvalue()

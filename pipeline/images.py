@@ -1,9 +1,13 @@
 """Reading the job's input image: TIFF (tifffile), JPEG, PNG and BMP (Pillow).
 
 The reader is chosen by the file's signature, not its name, so a mislabelled file still reads
-and a file that is not an image gets a clear `ImageError`. The pixel count is checked from the
-header before any pixel data is decoded, so a huge image is refused instead of exhausting memory.
-Every failure while decoding becomes an `ImageError` whose message names the file.
+and a file that is not an image gets a clear `ImageError`. A job's file is read through its open
+descriptor (`InputFile`), never by path again. Before any pixel data is decoded, from the headers
+alone: the pixel count is checked (`max_pixels`), a TIFF's page count (`max_pages`, without
+parsing the pages past it), that the file holds enough data for the size it declares (so a forged
+or truncated header is refused, not padded with gray), and the image's memory is reserved from
+the job's claim on the budget (waiting for room if need be). Every failure while decoding becomes
+an `ImageError` whose message names the file.
 
 Limits: Pillow reads a 16-bit RGB PNG as 8-bit RGB, and an EXIF orientation tag is not applied.
 """
@@ -12,10 +16,11 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 import tifffile
@@ -23,7 +28,10 @@ from PIL import BmpImagePlugin, Image, ImageFile, JpegImagePlugin, PngImagePlugi
 
 from aicsd.errors import ImageError
 
-__all__ = ["load_rgb", "read_pages", "to_rgb8"]
+from .base import DEFAULT_MAX_PAGES, InputFile
+from .memory import MemoryClaim
+
+__all__ = ["Source", "load_rgb", "read_pages", "to_rgb8"]
 
 _log = logging.getLogger(__name__)
 
@@ -56,80 +64,191 @@ Box = tuple[float, float, float, float]
 
 # --- reading -----------------------------------------------------------------------------------
 
+Source = Path | InputFile
+"""A path (opened here) or the job's already opened input file (read through its descriptor)."""
 
-def read_pages(path: Path, *, max_pixels: int, first_only: bool = False) -> list[np.ndarray]:
+# What an image costs in flight besides its decoded pixels, per pixel of its largest page (pages
+# are processed one at a time): by default room for two float32 planes (the conversions to 8-bit).
+# A pipeline that needs more per page (the counter's scale space) says so.
+WORKING_BYTES_PER_PIXEL = 8
+
+
+def read_pages(
+    source: Source,
+    *,
+    max_pixels: int,
+    max_pages: int = DEFAULT_MAX_PAGES,
+    memory: MemoryClaim | None = None,
+    working_bytes_per_pixel: int = WORKING_BYTES_PER_PIXEL,
+    first_only: bool = False,
+) -> list[np.ndarray]:
     """The image's pages (or only the first) with their own dtype, each HxW or HxWxC.
 
     C is the file's sample count: 3 for RGB, 4 for RGBA (2 for a gray+alpha TIFF). A TIFF's
-    pages are every plane of every series: a multi-page file, an ImageJ/OME hyperstack or a
-    3-D stack is split on its leading axes. Raises `ImageError` if the file is not a readable
-    TIFF, JPEG, PNG or BMP, or if the pixels to decode (all pages together) exceed `max_pixels`.
+    pages are every plane of every page (an ImageJ hyperstack as its series says); reduced-size
+    thumbnails are left out, and `first_only` parses the first page alone. Raises `ImageError`
+    if the file is not a readable TIFF, JPEG, PNG or BMP, if the pixels to decode (all pages
+    together) exceed `max_pixels`, a TIFF has more than `max_pages` pages, its data cannot fill
+    its declared size, or it needs more than the whole `memory` budget (for which it may wait):
+    its decoded size plus `working_bytes_per_pixel` for each pixel of its largest page.
     """
-    kind = _kind(path)
-    with _decoding(path):
-        if kind == "tiff":
-            pages = _read_tiff(path, max_pixels, first_only)
-        else:
-            with _open_pillow(path, kind, max_pixels) as image:
-                pages = [_pillow_array(image)]
-    _log.debug("read %s: %d page(s) of %s %s", path.name, len(pages), pages[0].shape, pages[0].dtype)
+    with _opened(source) as (handle, name):
+        kind = _kind(handle, name)
+        with _decoding(name):
+            if kind == "tiff":
+                pages = _read_tiff(handle, name, max_pixels, max_pages, memory, first_only, working_bytes_per_pixel)
+            else:
+                with _open_pillow(handle, name, kind, max_pixels) as image:
+                    _reserve(memory, image, name, working_bytes_per_pixel)
+                    pages = [_pillow_array(image)]
+    _log.debug("read %s: %d page(s) of %s %s", name, len(pages), pages[0].shape, pages[0].dtype)
     return pages
 
 
-def _kind(path: Path) -> str:
+@contextmanager
+def _opened(source: Source) -> Iterator[tuple[BinaryIO, str]]:
+    name = source.name
     try:
-        with path.open("rb") as handle:
-            head = handle.read(8)
+        handle = source.reader() if isinstance(source, InputFile) else open(source, "rb")  # noqa: SIM115
     except OSError as exc:
-        raise ImageError(f"input file '{path.name}' cannot be opened: {exc.strerror or exc}") from exc
+        raise ImageError(f"input file '{name}' cannot be opened: {exc.strerror or exc}") from exc
+    with handle:
+        yield handle, name
+
+
+def _kind(handle: BinaryIO, name: str) -> str:
+    try:
+        head = handle.read(8)
+        handle.seek(0)
+    except OSError as exc:
+        raise ImageError(f"input file '{name}' cannot be read: {exc.strerror or exc}") from exc
     if not head:
-        raise ImageError(f"input file '{path.name}' is empty")
+        raise ImageError(f"input file '{name}' is empty")
     for magic, kind in _SIGNATURES:
         if head.startswith(magic):
             return kind
-    raise ImageError(f"input file '{path.name}' is not a TIFF, JPEG, PNG or BMP image")
+    raise ImageError(f"input file '{name}' is not a TIFF, JPEG, PNG or BMP image")
 
 
 @contextmanager
-def _decoding(path: Path) -> Iterator[None]:
+def _decoding(name: str) -> Iterator[None]:
     """Turn whatever a decoder raises on a corrupt or truncated file into an `ImageError`."""
     try:
         yield
     except ImageError:
         raise
     except MemoryError as exc:
-        raise ImageError(f"image '{path.name}' is too large to decode in the memory available") from exc
+        raise ImageError(f"image '{name}' is too large to decode in the memory available") from exc
     except Exception as exc:  # decoders raise many types (OSError, ValueError, SyntaxError, ...)
         detail = (str(exc) or type(exc).__name__).splitlines()[0][:200]
-        raise ImageError(f"input file '{path.name}' is not a readable image: {detail}") from exc
+        raise ImageError(f"input file '{name}' is not a readable image: {detail}") from exc
 
 
-def _check_pixels(path: Path, pixels: int, max_pixels: int) -> None:
+def _check_pixels(name: str, pixels: int, max_pixels: int) -> None:
     if pixels > max_pixels:
         raise ImageError(
-            f"image '{path.name}' has {pixels:,} pixels, over the limit of {max_pixels:,} (PIPELINE_MAX_PIXELS)"
+            f"image '{name}' has {pixels:,} pixels, over the limit of {max_pixels:,} (PIPELINE_MAX_PIXELS)"
         )
 
 
-def _read_tiff(path: Path, max_pixels: int, first_only: bool) -> list[np.ndarray]:
-    with tifffile.TiffFile(path) as tif:
-        series = list(tif.series)
-        if not series:
-            raise ImageError(f"TIFF file '{path.name}' holds no image")
-        # (shape, axes, reader) of what will be decoded: the first page, or every series whole.
+def _incomplete(name: str, width: int, height: int, detail: str) -> ImageError:
+    return ImageError(
+        f"image '{name}' is incomplete: it declares {width}x{height} pixels but {detail} "
+        "(a truncated file or a forged header); not used"
+    )
+
+
+def _file_size(handle: BinaryIO) -> int:
+    return os.fstat(handle.fileno()).st_size
+
+
+class _Part(NamedTuple):
+    """Something tifffile will decode (a page, or an ImageJ series): its reader and its tags' shape."""
+
+    read: Callable[[], np.ndarray]
+    shape: tuple[int, ...]
+    axes: str
+    dtype: np.dtype
+
+    def pixels(self, first_plane_only: bool) -> int:
+        """Pixels to decode, samples not counted: of its first plane only, or of all its planes."""
+        return math.prod(n for n, a in zip(self.shape, self.axes) if (a in "YX" if first_plane_only else a != "S"))
+
+    def bytes_per_pixel(self) -> int:
+        samples = math.prod(n for n, a in zip(self.shape, self.axes) if a == "S")
+        return samples * self.dtype.itemsize
+
+
+def _part(obj: tifffile.TiffPage | tifffile.TiffPageSeries) -> _Part:
+    return _Part(obj.asarray, obj.shape, obj.axes, obj.dtype or np.dtype(np.float64))
+
+
+def _read_tiff(
+    handle: BinaryIO,
+    name: str,
+    max_pixels: int,
+    max_pages: int,
+    memory: MemoryClaim | None,
+    first_only: bool,
+    working_bytes_per_pixel: int = WORKING_BYTES_PER_PIXEL,
+) -> list[np.ndarray]:
+    with tifffile.TiffFile(handle, name=name) as tif:
         if first_only:
-            frame = series[0].keyframe
-            parts = [(frame.shape, frame.axes, partial(series[0].asarray, key=0))]
+            # Only the first page's tags are parsed, however many pages follow.
+            pages = [tif.pages.first]
+            parts = [_part(tif.pages.first)]
         else:
-            parts = [(s.shape, s.axes, s.asarray) for s in series]
-        for _, axes, _ in parts:
-            if not axes.replace("S", "").endswith("YX"):
-                raise ImageError(f"TIFF file '{path.name}' has no 2-D image plane (axes {axes})")
+            _check_page_count(tif, name, max_pages)
+            if tif.is_imagej:
+                # ImageJ's description says how its planes are laid out (even past the page count).
+                parts = [_part(tif.series[0])]
+                pages = [p for p in tif.series[0].pages if isinstance(p, tifffile.TiffPage)]
+            else:
+                # Page by page, not tif.series: that compares every page with every other.
+                pages = [p for p in tif.pages if isinstance(p, tifffile.TiffPage) and not p.is_reduced]
+                parts = [_part(p) for p in pages]
+        if not parts:
+            raise ImageError(f"TIFF file '{name}' holds no image")
+        for part in parts:
+            if not part.axes.replace("S", "").endswith("YX"):
+                raise ImageError(f"TIFF file '{name}' has no 2-D image plane (axes {part.axes})")
         # Shapes come from the tags: nothing is decoded before the whole count is known.
-        pixels = sum(math.prod(n for n, a in zip(shape, axes) if a != "S") for shape, axes, _ in parts)
-        _check_pixels(path, pixels, max_pixels)
-        pages = [page for shape, axes, read in parts for page in _split_pages(read(), shape, axes)]
-    return pages[:1] if first_only else pages
+        pixels = sum(part.pixels(first_only) for part in parts)
+        _check_pixels(name, pixels, max_pixels)
+        size = _file_size(handle)
+        for page in pages:
+            _check_tiff_data(page, name, size)
+        if memory is not None:
+            decoded = sum(part.pixels(first_only) * part.bytes_per_pixel() for part in parts)
+            largest = max(part.pixels(first_plane_only=True) for part in parts)
+            memory.reserve(decoded + largest * working_bytes_per_pixel, f"image '{name}'")
+        planes = [plane for part in parts for plane in _split_pages(part.read(), part.shape, part.axes)]
+    return planes[:1] if first_only else planes
+
+
+def _check_page_count(tif: tifffile.TiffFile, name: str, max_pages: int) -> None:
+    """Refuse a TIFF of more than `max_pages` pages without parsing the pages beyond it."""
+    try:
+        tif.pages[max_pages]  # walks the chain of page offsets; parses only that one page
+    except IndexError:
+        return
+    raise ImageError(
+        f"TIFF file '{name}' has more than {max_pages:,} pages, over the limit of {max_pages:,} (PIPELINE_MAX_PAGES)"
+    )
+
+
+def _check_tiff_data(page: tifffile.TiffPage, name: str, file_size: int) -> None:
+    """Every strip or tile of the page is in the file, and uncompressed data is large enough."""
+    offsets, counts = page.dataoffsets, page.databytecounts
+    height, width = page.imagelength, page.imagewidth
+    if not counts or any(c <= 0 for c in counts):
+        raise _incomplete(name, width, height, "some of its strips or tiles hold no data")
+    if any(o + c > file_size for o, c in zip(offsets, counts)):
+        raise _incomplete(name, width, height, f"its data runs past the end of the file ({file_size:,} bytes)")
+    if page.compression == 1:
+        needed_bits = page.imagedepth * height * width * page.samplesperpixel * page.bitspersample
+        if sum(counts) * 8 < needed_bits:
+            raise _incomplete(name, width, height, f"holds only {sum(counts):,} bytes of uncompressed data")
 
 
 def _split_pages(data: np.ndarray, shape: tuple[int, ...], axes: str) -> list[np.ndarray]:
@@ -143,15 +262,133 @@ def _split_pages(data: np.ndarray, shape: tuple[int, ...], axes: str) -> list[np
     return [np.ascontiguousarray(p[:, :, 0] if p.ndim == 3 and p.shape[2] == 1 else p) for p in pages]
 
 
-def _open_pillow(path: Path, kind: str, max_pixels: int) -> ImageFile.ImageFile:
-    """Open a PNG, JPEG or BMP (header only) and check its size against `max_pixels`."""
-    image = _PILLOW_CLASSES[kind](path)
+def _open_pillow(handle: BinaryIO, name: str, kind: str, max_pixels: int) -> ImageFile.ImageFile:
+    """Open a PNG, JPEG or BMP (header only), check its size against `max_pixels` and that the
+    file holds enough data for that size."""
+    image = _PILLOW_CLASSES[kind](handle)
     try:
-        _check_pixels(path, image.width * image.height, max_pixels)
+        _check_pixels(name, image.width * image.height, max_pixels)
+        size = _file_size(handle)
+        if kind == "jpeg":
+            _check_jpeg_data(handle, name, size, image.width, image.height)
+        elif kind == "png":
+            _check_png_data(handle, name, image.width, image.height)
     except ImageError:
         image.close()
         raise
     return image
+
+
+def _reserve(memory: MemoryClaim | None, image: Image.Image, name: str, working_bytes_per_pixel: int) -> None:
+    """Hold the budget for a Pillow image at the size it will decode to (after any draft)."""
+    if memory is None:
+        return
+    pixels = image.width * image.height
+    # Pillow keeps multi-band pixels in 4 bytes; the numpy copy is as large again.
+    stored = 4 if len(image.getbands()) > 1 or image.mode in ("I", "F") else 2 if image.mode.startswith("I;16") else 1
+    memory.reserve(pixels * (2 * stored + working_bytes_per_pixel), f"image '{name}'")
+
+
+_SOF_BASELINE = {0xC0, 0xC1}  # Huffman, sequential: every block costs at least 2 bits (DC + EOB codes)
+_SOF_PROGRESSIVE = {0xC2}  # Huffman, progressive: every block's DC code costs at least 1 bit
+
+
+def _check_jpeg_data(handle: BinaryIO, name: str, file_size: int, width: int, height: int) -> None:
+    """Refuse a JPEG whose coded data is too short for the blocks its header declares.
+
+    Huffman coding spends at least one bit per 8x8 block (two for sequential JPEG), so a file
+    with fewer bits after its first scan header than that cannot hold the image: libjpeg would
+    fill the rest with gray without an error. Other codings (arithmetic, lossless) are not checked.
+    """
+    header = _jpeg_header(handle)
+    handle.seek(0)
+    if header is None:
+        return
+    marker, components, scan_start = header
+    bits_per_block = 2 if marker in _SOF_BASELINE else 1 if marker in _SOF_PROGRESSIVE else 0
+    if not bits_per_block or not components:
+        return
+    h_max = max(h for h, _ in components)
+    v_max = max(v for _, v in components)
+    blocks = sum(
+        math.ceil(math.ceil(width * h / h_max) / 8) * math.ceil(math.ceil(height * v / v_max) / 8)
+        for h, v in components
+    )
+    available = max(0, file_size - scan_start)
+    if available * 8 < blocks * bits_per_block:
+        needed = -(-blocks * bits_per_block // 8)
+        raise _incomplete(
+            name, width, height, f"holds only {available:,} bytes of coded data where that size needs at least {needed:,}"
+        )
+
+
+def _jpeg_header(handle: BinaryIO) -> tuple[int, list[tuple[int, int]], int] | None:
+    """(SOF marker, (h, v) sampling of each component, offset of the first scan's data), or None."""
+    handle.seek(2)
+    marker = None
+    components: list[tuple[int, int]] = []
+    for _ in range(1000):
+        byte = handle.read(1)
+        while byte == b"\xff":
+            byte = handle.read(1)
+        if not byte:
+            return None
+        code = byte[0]
+        if code == 0x01 or 0xD0 <= code <= 0xD8:
+            continue
+        length_bytes = handle.read(2)
+        if len(length_bytes) < 2:
+            return None
+        length = int.from_bytes(length_bytes, "big")
+        if length < 2:
+            return None
+        body = handle.read(length - 2)
+        if code in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
+            marker = code
+            count = body[5] if len(body) > 5 else 0
+            components = [(body[6 + 3 * i + 1] >> 4, body[6 + 3 * i + 1] & 15) for i in range(count)
+                          if len(body) >= 6 + 3 * i + 3]
+            if any(h == 0 or v == 0 for h, v in components):
+                return None
+        elif code == 0xDA:
+            return (marker, components, handle.tell()) if marker is not None else None
+        elif code == 0xD9 or code < 0xC0:  # the end before any scan, or not a marker at all
+            return None
+    return None
+
+
+def _check_png_data(handle: BinaryIO, name: str, width: int, height: int) -> None:
+    """Refuse a PNG whose compressed data could not expand to its declared size.
+
+    Deflate expands at most about 1032-fold, so fewer compressed bytes than a 1032nd of the
+    filtered image cannot hold it."""
+    handle.seek(8)
+    compressed = 0
+    bits = channels = 0
+    for _ in range(1_000_000):
+        head = handle.read(8)
+        if len(head) < 8:
+            break
+        length, chunk = int.from_bytes(head[:4], "big"), head[4:]
+        if chunk == b"IHDR":
+            data = handle.read(length)
+            if len(data) < 10:
+                break
+            bits, colour = data[8], data[9]
+            channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}.get(colour, 1)
+            handle.seek(4, os.SEEK_CUR)
+            continue
+        if chunk == b"IDAT":
+            compressed += length
+        if chunk == b"IEND":
+            break
+        handle.seek(length + 4, os.SEEK_CUR)
+    handle.seek(0)
+    if not bits:
+        return
+    raw = height * (1 + math.ceil(width * channels * bits / 8))
+    if compressed * 1032 < raw:
+        raise _incomplete(name, width, height, f"holds only {compressed:,} bytes of compressed data")
 
 
 def _pillow_array(image: Image.Image) -> np.ndarray:
@@ -230,19 +467,21 @@ def _scale_to_u8(data: np.ndarray, low: float, high: float) -> np.ndarray:
 
 
 def load_rgb(
-    path: Path,
+    source: Source,
     *,
     size: tuple[int, int],
     resize_type: str = "standard",
     crop_fraction: float = 1.0,
     max_pixels: int,
+    memory: MemoryClaim | None = None,
 ) -> np.ndarray:
     """The first page as HxWx3 uint8 (C-contiguous) of exactly `size` = (width, height).
 
     "standard" resizes the whole image to `size`; "crop" resizes so the short side becomes
     short/crop_fraction and takes the centre `size` (one bilinear resample of the centre box).
-    Other depths are scaled by their real range as in `to_rgb8`. Raises `ImageError` as
-    `read_pages` does, and ValueError for an invalid size, resize_type or crop_fraction.
+    Other depths are scaled by their real range as in `to_rgb8`. Only the first page of a TIFF
+    is parsed, however many follow. Raises `ImageError` as `read_pages` does, and ValueError
+    for an invalid size, resize_type or crop_fraction.
     """
     if len(size) != 2 or min(size) < 1:
         raise ValueError(f"size must be (width, height) of at least 1 pixel, got {size}")
@@ -252,17 +491,20 @@ def load_rgb(
     if not 0 < crop_fraction <= 1:
         raise ValueError(f"crop_fraction must be in (0, 1], got {crop_fraction}")
     crop = crop_fraction if resize_type == "crop" else None
-    kind = _kind(path)
-    with _decoding(path):
-        if kind == "tiff":
-            return _fit_array(read_pages(path, max_pixels=max_pixels, first_only=True)[0], size, crop)
-        with _open_pillow(path, kind, max_pixels) as image:
-            if kind == "jpeg":
-                _draft_jpeg(image, size, crop)
-            image.load()
-            if image.mode in ("L", "RGB"):
-                return _fit(image, _source_box(image.width, image.height, size, crop), size)
-            return _fit_array(_pillow_array(image), size, crop)
+    with _opened(source) as (handle, name):
+        kind = _kind(handle, name)
+        with _decoding(name):
+            if kind == "tiff":
+                [page] = _read_tiff(handle, name, max_pixels, 1, memory, first_only=True)
+                return _fit_array(page, size, crop)
+            with _open_pillow(handle, name, kind, max_pixels) as image:
+                if kind == "jpeg":
+                    _draft_jpeg(image, name, size, crop)
+                _reserve(memory, image, name, WORKING_BYTES_PER_PIXEL)
+                image.load()
+                if image.mode in ("L", "RGB"):
+                    return _fit(image, _source_box(image.width, image.height, size, crop), size)
+                return _fit_array(_pillow_array(image), size, crop)
 
 
 def _source_box(width: int, height: int, size: tuple[int, int], crop: float | None) -> Box:
@@ -281,7 +523,7 @@ def _reduction(box: Box, size: tuple[int, int]) -> float:
     return min((box[2] - box[0]) / size[0], (box[3] - box[1]) / size[1])
 
 
-def _draft_jpeg(image: ImageFile.ImageFile, size: tuple[int, int], crop: float | None) -> None:
+def _draft_jpeg(image: ImageFile.ImageFile, name: str, size: tuple[int, int], crop: float | None) -> None:
     """Let the JPEG decoder scale by 1/2, 1/4 or 1/8 while staying at least the target size.
 
     The decoder's scaling averages whole DCT blocks, so it is already a good anti-aliasing filter:
@@ -290,7 +532,7 @@ def _draft_jpeg(image: ImageFile.ImageFile, size: tuple[int, int], crop: float |
     if step >= 2:
         full = image.size
         if image.draft("RGB", (math.ceil(image.width / step), math.ceil(image.height / step))):
-            _log.debug("JPEG %s decoded at %s instead of %s", Path(image.filename).name, image.size, full)
+            _log.debug("JPEG %s decoded at %s instead of %s", name, image.size, full)
 
 
 def _fit_array(page: np.ndarray, size: tuple[int, int], crop: float | None) -> np.ndarray:

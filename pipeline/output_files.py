@@ -3,6 +3,9 @@
 Each file is written under a temporary name in the output folder, then linked into place with a
 call that fails when the name is taken, so an existing file is never replaced: the next free
 numbered suffix (`-1`, `-2`, ...) keeps both. Files written together share one suffix.
+
+Every create, link and unlink is relative to the folder's open descriptor (`dir_fd`), never to
+its path, so the folder being swapped for a symbolic link mid-job cannot send a file elsewhere.
 """
 
 from __future__ import annotations
@@ -11,30 +14,16 @@ import os
 import re
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from typing import BinaryIO
 
 from aicsd.errors import InputFileError
 
-__all__ = ["FilesRecorder", "WrittenFile", "numbered_names", "publish_together"]
+from .base import FilesRecorder, OutputFolder, WrittenFile
 
-Writer = Callable[[Path], None]
+__all__ = ["numbered_names", "publish_together"]
 
-
-@dataclass(frozen=True)
-class WrittenFile:
-    """A file written under `temporary` in `folder`, to be linked to `final` or a numbered variant;
-    device and inode tell it from any other job's file of the same name."""
-
-    folder: str
-    temporary: str
-    final: str
-    device: int
-    inode: int
-
-
-FilesRecorder = Callable[[Sequence[WrittenFile]], None]
-"""Told of the temporaries before they get final names, so a crash in between orphans nothing."""
+Writer = Callable[[BinaryIO], None]
+"""Writes a file's whole content to a binary handle (seekable, opened for writing)."""
 
 
 def _numbered(name: str, number: int) -> str:
@@ -51,41 +40,64 @@ def numbered_names(name: str, among: Iterable[str]) -> list[str]:
     return [candidate for candidate in among if pattern.fullmatch(candidate)]
 
 
+def _write_temporary(folder: OutputFolder, name: str, write: Writer) -> None:
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+    def opener(path: str, _: int) -> int:
+        return os.open(path, flags, 0o644, dir_fd=folder.fd)
+
+    # Opened through `open` so the handle has a name (tifffile wants one), created in the folder.
+    with open(name, "w+b", opener=opener) as handle:
+        write(handle)
+
+
 def publish_together(
-    folder: Path,
+    folder: OutputFolder,
     files: Sequence[tuple[str, Writer]],
     max_tries: int = 1000,
     record: FilesRecorder | None = None,
-) -> list[Path]:
-    """Write each (name, writer) to a temporary file, then give all of them their final names."""
-    temporaries: list[Path] = []
+) -> list[str]:
+    """Write each (name, writer) to a temporary file, then give all of them their final names.
+
+    `record` is told of the temporaries before any gets a final name. Returns the final names,
+    in the order given.
+    """
+    temporaries: list[str] = []
     try:
         for name, write in files:
-            temporary = folder / f".{name}.{uuid.uuid4().hex}.partial"
+            temporary = f".{name}.{uuid.uuid4().hex}.partial"
             temporaries.append(temporary)
-            write(temporary)
+            _write_temporary(folder, temporary, write)
         if record is not None:
-            record([_written(folder, temporary, name) for temporary, (name, _) in zip(temporaries, files)])
+            record([_written(folder, temporary, name) for temporary, (name, _) in zip(temporaries, files, strict=True)])
         for number in range(max_tries):
-            finals = [folder / _numbered(name, number) for name, _ in files]
-            linked: list[Path] = []
+            finals = [_numbered(name, number) for name, _ in files]
+            linked: list[str] = []
             try:
                 for temporary, final in zip(temporaries, finals):
-                    os.link(temporary, final)  # fails if `final` exists: nothing is overwritten
+                    # Fails if `final` exists: nothing is overwritten.
+                    os.link(temporary, final, src_dir_fd=folder.fd, dst_dir_fd=folder.fd, follow_symlinks=False)
                     linked.append(final)
             except FileExistsError:
-                for path in linked:
-                    path.unlink()
+                for name in linked:
+                    os.unlink(name, dir_fd=folder.fd)
                 continue
             return finals
-        raise InputFileError(f"OutputFileFolder '{folder}' already holds {max_tries} numbered copies of {files[0][0]}")
+        raise InputFileError(
+            f"OutputFileFolder '{folder.dir_name}' already holds {max_tries} numbered copies of {files[0][0]}"
+        )
     except OSError as exc:
-        raise InputFileError(f"cannot write output files into '{folder}': {exc.strerror or exc}") from None
+        raise InputFileError(
+            f"cannot write output files into '{folder.dir_name}': {exc.strerror or exc}"
+        ) from None
     finally:
         for temporary in temporaries:
-            temporary.unlink(missing_ok=True)
+            try:
+                os.unlink(temporary, dir_fd=folder.fd)
+            except FileNotFoundError:
+                pass
 
 
-def _written(folder: Path, temporary: Path, final: str) -> WrittenFile:
-    info = temporary.stat()
-    return WrittenFile(str(folder), temporary.name, final, info.st_dev, info.st_ino)
+def _written(folder: OutputFolder, temporary: str, final: str) -> WrittenFile:
+    info = os.stat(temporary, dir_fd=folder.fd, follow_symlinks=False)
+    return WrittenFile(folder.real_path, temporary, final, info.st_dev, info.st_ino)

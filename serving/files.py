@@ -1,30 +1,121 @@
-"""The gateway file roots: every input file and output folder must resolve inside one of them."""
+"""The gateway file roots: every input file and output folder must lie inside one of them.
+
+A job's paths are checked and opened once (`open_input_file`, `open_output_folder`); the check
+is then repeated on what was actually opened (the descriptor's own path in /proc, or its device
+and inode against the checked path), so a path swapped for a symbolic link between the check and
+the open is caught, and one swapped later no longer matters: reads and writes go through the
+descriptors. Every refusal is an `InputFileError` naming the field and the reason.
+"""
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 from pathlib import Path
 
 from aicsd.errors import InputFileError
+from pipeline.base import InputFile, OutputFolder
 
-__all__ = ["resolve_inside"]
+__all__ = ["open_input_file", "open_output_folder", "resolve_inside"]
+
+_PROC_FD = Path("/proc/self/fd")
+
+
+def _checked_text(path: Path | str, field: str) -> str:
+    """The path as text, refusing what no file path can be: NUL bytes, unencodable characters."""
+    text = str(path)
+    if "\x00" in text:
+        raise InputFileError(f"{field} contains a NUL byte, which no file path can hold: {text!r}")
+    try:
+        os.fsencode(text)
+    except UnicodeError:
+        raise InputFileError(f"{field} {text!r} holds characters no file path can hold") from None
+    if not os.path.isabs(text):
+        raise InputFileError(f"{field} must be an absolute path, got '{text}'")
+    return text
+
+
+def _inside(real: Path, roots: tuple[Path, ...]) -> bool:
+    return any(real.is_relative_to(root.resolve()) for root in roots)
+
+
+def _outside(field: str, text: str, roots: tuple[Path, ...]) -> InputFileError:
+    shown = ":".join(str(r) for r in roots)
+    return InputFileError(f"{field} '{text}' is outside the allowed file roots ({shown}, PIPELINE_FILE_ROOTS)")
 
 
 def resolve_inside(path: Path, roots: tuple[Path, ...], field: str, *, want_dir: bool) -> Path:
     """Resolve `path` (symlinks followed) and insist it exists, has the right kind and lies in a root."""
-    if not path.is_absolute():
-        raise InputFileError(f"{field} must be an absolute path, got '{path}'")
+    text = _checked_text(path, field)
     try:
-        real = path.resolve(strict=True)
+        real = Path(text).resolve(strict=True)
     except FileNotFoundError:
-        raise InputFileError(f"{field} '{path}' does not exist") from None
+        raise InputFileError(f"{field} '{text}' does not exist") from None
     except (OSError, RuntimeError) as exc:
-        raise InputFileError(f"{field} '{path}' cannot be resolved: {exc}") from None
-    inside = any(real.is_relative_to(root.resolve()) for root in roots)
-    if not inside:
-        shown = ":".join(str(r) for r in roots)
-        raise InputFileError(f"{field} '{path}' is outside the allowed file roots ({shown}, PIPELINE_FILE_ROOTS)")
+        raise InputFileError(f"{field} '{text}' cannot be resolved: {getattr(exc, 'strerror', None) or exc}") from None
+    if not _inside(real, roots):
+        raise _outside(field, text, roots)
     if want_dir and not real.is_dir():
-        raise InputFileError(f"{field} '{path}' is not a directory")
+        raise InputFileError(f"{field} '{text}' is not a directory")
     if not want_dir and not real.is_file():
-        raise InputFileError(f"{field} '{path}' is not a regular file")
+        raise InputFileError(f"{field} '{text}' is not a regular file")
     return real
+
+
+def _open_checked(path: Path, roots: tuple[Path, ...] | None, field: str, *, want_dir: bool) -> int:
+    """Open `path` once, check the opened object, and return its descriptor."""
+    text = _checked_text(path, field)
+    target = resolve_inside(path, roots, field, want_dir=want_dir) if roots is not None else Path(text)
+    kind = os.O_DIRECTORY if want_dir else os.O_NONBLOCK  # never block on a FIFO
+    # The resolved path holds no link, so O_NOFOLLOW only refuses one swapped in since.
+    nofollow = os.O_NOFOLLOW if roots is not None else 0
+    try:
+        fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC | kind | nofollow)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            raise InputFileError(f"{field} '{text}' does not exist") from None
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR) and roots is not None:
+            raise InputFileError(f"{field} '{text}' changed while it was being opened; not used") from None
+        raise InputFileError(f"{field} '{text}' cannot be opened: {exc.strerror or exc}") from None
+    try:
+        info = os.fstat(fd)
+        if want_dir and not stat.S_ISDIR(info.st_mode):
+            raise InputFileError(f"{field} '{text}' is not a directory")
+        if not want_dir and not stat.S_ISREG(info.st_mode):
+            raise InputFileError(f"{field} '{text}' is not a regular file")
+        if roots is not None:
+            _confirm_inside(fd, info, target, roots, field, text)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _confirm_inside(
+    fd: int, info: os.stat_result, checked: Path, roots: tuple[Path, ...], field: str, text: str
+) -> None:
+    """The opened object itself lies in a root (not only the path checked a moment before)."""
+    try:
+        opened = Path(os.readlink(_PROC_FD / str(fd)))
+    except OSError:
+        # No /proc: the descriptor must be the very object at the checked path.
+        try:
+            now = os.stat(checked, follow_symlinks=False)
+        except OSError:
+            now = None
+        if now is None or (now.st_dev, now.st_ino) != (info.st_dev, info.st_ino):
+            raise InputFileError(f"{field} '{text}' changed while it was being opened; not used") from None
+        return
+    if not opened.is_absolute() or not _inside(opened, roots):
+        raise _outside(field, text, roots)
+
+
+def open_input_file(path: Path, roots: tuple[Path, ...] | None, field: str = "InputFileLocation") -> InputFile:
+    """Open the job's input file, a regular file inside a root (None: no root rule)."""
+    return InputFile(path, _open_checked(path, roots, field, want_dir=False))
+
+
+def open_output_folder(path: Path, roots: tuple[Path, ...] | None, field: str = "OutputFileFolder") -> OutputFolder:
+    """Open the job's output folder, a directory inside a root (None: no root rule)."""
+    return OutputFolder(str(path), _open_checked(path, roots, field, want_dir=True))

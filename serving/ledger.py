@@ -46,7 +46,8 @@ import psutil
 from aicsd.callbacks import CallbackAnswer
 from aicsd.job import Job
 from aicsd.outcome import OutputFile, PipelineOutcome
-from pipeline.output_files import WrittenFile, numbered_names
+from pipeline.base import WrittenFile
+from pipeline.output_files import numbered_names
 
 __all__ = ["Claim", "JobLedger", "LedgerBusy", "LedgerEntry", "State", "job_digest"]
 
@@ -311,7 +312,7 @@ def _outcome_json(outcome: PipelineOutcome) -> str:
             "qc_flags": outcome.qc_flags,
             "results": outcome.results,
             "error": outcome.error,
-            "files": [str(f.path) for f in outcome.output_files],
+            "files": [{"folder": f.dir_name, "name": f.name} for f in outcome.output_files],
         }
     )
 
@@ -323,7 +324,7 @@ def _outcome(text: str | None) -> PipelineOutcome | None:
     return PipelineOutcome(
         data["status"],
         qc_flags=data["qc_flags"],
-        output_files=tuple(OutputFile(Path(p)) for p in data["files"]),
+        output_files=tuple(OutputFile.in_folder(f["folder"], f["name"]) for f in data["files"]),
         results=data["results"],
         error=data["error"],
     )

@@ -15,13 +15,13 @@ from aicsd.errors import JobDeferred, ModelError, PipelineError
 from aicsd.job import Job, ModelParams
 from aicsd.logs import JobLog, shown
 from aicsd.outcome import PipelineOutcome
-from pipeline.base import Pipeline, PipelineTask
+from pipeline.base import FilesRecorder, InputFile, OutputFolder, Pipeline, PipelineTask
 from pipeline.classification import ClassificationPipeline
 from pipeline.counting import CountingPipeline
+from pipeline.memory import MIB, MemoryBudget
 from pipeline.model_repository import CompiledModel, ModelRepository, no_model_file
-from pipeline.output_files import FilesRecorder
 
-from .files import resolve_inside
+from .files import open_input_file, open_output_folder
 from .settings import Settings
 
 __all__ = ["PIPELINE_KINDS", "PipelineRunner"]
@@ -52,6 +52,7 @@ class PipelineRunner:
         self._problems: dict[str, str] = {}
         self._lock = threading.Lock()
         self.watched = False
+        self.image_memory = MemoryBudget(settings.image_memory_mb * MIB)
 
     def pipeline(self, model_name: str) -> Pipeline:
         """The pipeline serving `model_name`; built on first use unless a watcher keeps them."""
@@ -127,39 +128,41 @@ class PipelineRunner:
         """
         job_log = JobLog(log, job.job_id, job.task_id)
         job_log.info("received from gateway %s", shown(job.gateway_ip) if job.gateway_ip else "(not given)")
-
-        def task() -> PipelineTask:
-            roots = self.settings.file_roots
-            return PipelineTask(
-                input_file=resolve_inside(job.input_file, roots, "InputFileLocation", want_dir=False),
-                output_folder=resolve_inside(job.output_folder, roots, "OutputFileFolder", want_dir=True),
-                params=job.params,
-                log=job_log,
-                record_files=record_files,
-            )
-
-        return self._run(task, model or (lambda: self.model_name(job.params)), job_log)
+        roots = self.settings.file_roots
+        return self._run(
+            lambda: open_input_file(job.input_file, roots),
+            lambda: open_output_folder(job.output_folder, roots),
+            model or (lambda: self.model_name(job.params)),
+            job.params,
+            job_log,
+            record_files,
+        )
 
     def run_local(self, input_file: Path, output_folder: Path, params: ModelParams) -> PipelineOutcome:
         """Run a pipeline on a local file with no file-root rule, for pipeline authors' CLI."""
         job_log = JobLog(log, "local", input_file.name)
-
-        def task() -> PipelineTask:
-            return PipelineTask(input_file, output_folder, params, job_log)
-
-        return self._run(task, lambda: self.model_name(params), job_log)
+        return self._run(
+            lambda: open_input_file(input_file, None),
+            lambda: open_output_folder(output_folder, None),
+            lambda: self.model_name(params),
+            params,
+            job_log,
+        )
 
     def _run(
         self,
-        make_task: Callable[[], PipelineTask],
+        open_input: Callable[[], InputFile],
+        open_output: Callable[[], OutputFolder],
         model: Callable[[], str],
+        params: ModelParams,
         job_log: logging.LoggerAdapter,  # type: ignore[type-arg]
+        record_files: FilesRecorder | None = None,
     ) -> PipelineOutcome:
         try:
-            model_name = model()
-            task = make_task()
-            job_log.info("running model %s on %s", shown(model_name), shown(task.input_file))
-            outcome = self.pipeline(model_name).run(task)
+            model_name = model()  # first: the task look-up may defer the job before any file is opened
+            with self._task(open_input, open_output, params, job_log, record_files) as task:
+                job_log.info("running model %s on %s", shown(model_name), shown(task.input_file.path))
+                outcome = self.pipeline(model_name).run(task)
         except PipelineError as exc:
             job_log.warning("pipeline failed: %s", shown(exc, 1000))
             return PipelineOutcome.failed(str(exc))
@@ -170,3 +173,28 @@ class PipelineRunner:
             return PipelineOutcome.failed("internal error in the pipeline service; see its log")
         job_log.info("pipeline complete: %s", shown(outcome.results, 1000))
         return outcome
+
+    def _task(
+        self,
+        open_input: Callable[[], InputFile],
+        open_output: Callable[[], OutputFolder],
+        params: ModelParams,
+        job_log: logging.LoggerAdapter,  # type: ignore[type-arg]
+        record_files: FilesRecorder | None,
+    ) -> PipelineTask:
+        """Open the input file, then the output folder (closing the first if the second fails)."""
+        input_file = open_input()
+        try:
+            output_folder = open_output()
+        except BaseException:
+            input_file.close()
+            raise
+        return PipelineTask(
+            input_file,
+            output_folder,
+            params,
+            job_log,
+            max_pages=self.settings.max_pages,
+            memory=self.image_memory.claim(job_log),
+            record_files=record_files,
+        )

@@ -64,6 +64,10 @@ class Settings(DeclaredSettings):
         default_factory=_default_cache_dir, description="compiled-model cache folder; empty disables it"
     )
     max_pixels: int = Field(100_000_000, gt=0, description="largest image (width x height) a job may bring")
+    max_pages: int = Field(1000, gt=0, description="most pages a TIFF may have (more are refused unparsed)")
+    image_memory_mb: int = Field(
+        4096, gt=0, description="MB of images in flight (decoded pixels + working space); jobs wait for room"
+    )
     callback_tries: int = Field(5, gt=0, description="attempts per AiCSD callback")
     callback_backoff: float = Field(2.0, ge=0, allow_inf_nan=False, description="seconds before the 2nd attempt")
     callback_timeout: float = Field(10.0, gt=0, allow_inf_nan=False, description="seconds per callback request")
@@ -135,7 +139,7 @@ class Settings(DeclaredSettings):
     def _empty_is_none(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("max_pixels", "callback_tries", mode="before")
+    @field_validator("max_pixels", "max_pages", "image_memory_mb", "callback_tries", mode="before")
     @classmethod
     def _underscores(cls, value: Any) -> Any:
         return value.replace("_", "") if isinstance(value, str) else value

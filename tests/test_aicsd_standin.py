@@ -165,3 +165,58 @@ def test_sink_mode_registers_jobs_on_their_first_update_and_lists_when_they_ende
         assert post_status(http, f"{sink.base_url}/api/v1/pipelineStatus/j2/t2", "PipelineComplete").status_code == 400
         ended = http.get(f"{sink.base_url}/_ended").json()
         assert list(ended) == ["j1"] and ended["j1"] > 0
+
+
+def write_images(folder):
+    from PIL import Image
+    import numpy as np
+    import tifffile
+
+    pixels = np.zeros((8, 8, 3), np.uint8)
+    tifffile.imwrite(folder / "a-counted.tiff", pixels, photometric="rgb")
+    Image.fromarray(pixels).save(folder / "b.png")
+    (folder / "c-counts.csv").write_text("page,x,y\n1,2,3\n")
+
+
+def listed(folder, name, extension):
+    return {"DirName": str(folder), "Name": name, "Extension": extension}
+
+
+def test_file_sender_makes_a_viewable_jpeg_of_every_listed_image_named_by_its_extension(standin, http, tmp_path):
+    write_images(tmp_path)
+    job = standin.new_job()
+    files = [listed(tmp_path, "a-counted.tiff", ".tiff"), listed(tmp_path, "b.png", ".png")]
+    http.put(job.job_update_url, json={**GOOD, "OutputFiles": files})
+    assert post_status(http, job.pipeline_status_url, "PipelineComplete").status_code == 200
+    state = standin.wait_for_status(job.job_id, timeout=1)
+    assert state.ended == "complete" and state.viewable == ["a-counted.jpeg", "b.jpeg"]
+
+
+def test_file_sender_answers_500_at_a_listed_file_that_is_not_an_image(standin, http, tmp_path):
+    write_images(tmp_path)
+    job = standin.new_job()
+    files = [listed(tmp_path, n, e) for n, e in
+             (("a-counted.tiff", ".tiff"), ("c-counts.csv", ".csv"), ("b.png", ".png"))]
+    http.put(job.job_update_url, json={**GOOD, "OutputFiles": files})
+    answer = post_status(http, job.pipeline_status_url, "PipelineComplete")
+    assert answer.status_code == 500 and "c-counts.csv" in answer.text
+    state = standin.wait_for_status(job.job_id, timeout=1)
+    # It stops at the first failure: the PNG after the CSV is never converted.
+    assert state.ended == "error" and state.viewable == ["a-counted.jpeg"]
+    assert "c-counts.csv" in state.file_sender_error
+
+
+@pytest.mark.parametrize(
+    "name, extension, viewable",
+    [
+        ("a-counted.tiff", ".tiff", "a-counted.jpeg"),
+        ("a-counted.tiff", "tiff", "a-counted..jpeg"),
+        ("tiffs-1.tiff", "tiff", ".jpegs-1.tiff"),
+        ("x.tiff", "", ".jpegx.tiff"),
+    ],
+    ids=["dotted", "dotless", "name-holds-the-extension-earlier", "empty"],
+)
+def test_viewable_name_replaces_the_extension_once_as_go_does(name, extension, viewable):
+    from devtools.aicsd_standin import viewable_name
+
+    assert viewable_name(name, extension) == viewable

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import threading
@@ -14,7 +15,7 @@ import tifffile
 
 from devtools.synthetic_blobs import make_image, match
 from aicsd.logs import JobLog
-from pipeline.base import PipelineTask
+from pipeline.base import OutputFolder, PipelineTask
 from pipeline.counting import CountingParams, CountingPipeline, _gray, page_quality
 from aicsd.errors import ParameterError
 from aicsd.job import ModelParams
@@ -34,8 +35,8 @@ def counter(efficientnet_dir) -> CountingPipeline:
 
 
 def run(counter: CountingPipeline, image: Path, output: Path, **params: str):
-    task = PipelineTask(image, output, ModelParams(params), JobLog(logging.getLogger("test"), "j", "t"))
-    return counter.run(task)
+    with PipelineTask.local(image, output, ModelParams(params), JobLog(logging.getLogger("test"), "j", "t")) as task:
+        return counter.run(task)
 
 
 def detect(counter: CountingPipeline, pixels: np.ndarray, **params: str):
@@ -102,7 +103,7 @@ def test_bad_parameters_are_refused_naming_the_key(counter, params, key):
         CountingParams.from_params(ModelParams(params), counter.model.info)
 
 
-def test_multi_page_16_bit_tiff_counts_every_page_and_writes_both_files(counter, tmp_path):
+def test_multi_page_16_bit_tiff_counts_every_page_and_lists_only_the_annotated_tiff(counter, tmp_path):
     pages = [make_image(seed, bits=16, count=n, touching_pairs=2, size=256).pixels for seed, n in ((1, 20), (2, 30))]
     image = tmp_path / "stack.tiff"
     tifffile.imwrite(image, np.stack(pages), photometric="minisblack")
@@ -112,15 +113,32 @@ def test_multi_page_16_bit_tiff_counts_every_page_and_writes_both_files(counter,
     assert results["Pages"] == [pytest.approx(20, abs=1), pytest.approx(30, abs=1)]
     assert results["CellCount"] == sum(results["Pages"])
     assert outcome.qc_flags == ""
-    names = [f.name for f in outcome.output_files]
-    assert names == ["stack-counted.tiff", "stack-counts.csv"]
-    annotated = tifffile.imread(tmp_path / "stack-counted.tiff")
-    assert annotated.shape == (2, 256, 256, 3) and annotated.dtype == np.uint8
-    with (tmp_path / "stack-counts.csv").open() as handle:
-        rows = list(csv.DictReader(handle))
-    assert len(rows) == results["CellCount"] and set(rows[0]) == {"page", "x", "y", "diameter", "intensity"}
+    assert [(f.dir_name, f.name, f.extension) for f in outcome.output_files] == [
+        (str(tmp_path), "stack-counted.tiff", ".tiff")
+    ]
+    with tifffile.TiffFile(tmp_path / "stack-counted.tiff") as tif:
+        assert [p.shape for p in tif.pages] == [(256, 256, 3)] * 2 and tif.pages[0].dtype == np.uint8
+        rows = list(csv.DictReader(io.StringIO(tif.pages[0].description)))
+    assert len(rows) == results["CellCount"] and list(rows[0]) == ["page", "x", "y", "diameter", "intensity"]
     assert {r["page"] for r in rows} == {"1", "2"}
+    # The same table, unlisted, beside the image.
+    with (tmp_path / "stack-counts.csv").open() as handle:
+        assert list(csv.DictReader(handle)) == rows
     assert not list(tmp_path.glob(".*partial"))
+
+
+def test_pages_of_different_sizes_are_all_counted_and_annotated_at_their_own_size(counter, tmp_path):
+    sizes = (256, 192)
+    image = tmp_path / "mixed.tiff"
+    with tifffile.TiffWriter(image) as tif:
+        for seed, size in zip((31, 32), sizes):
+            tif.write(make_image(seed, bits=16, count=12, touching_pairs=0, size=size).pixels)
+    outcome = run(counter, image, tmp_path)
+    assert outcome.status == "PipelineComplete", outcome.results
+    results = json.loads(outcome.results)
+    assert results["Pages"] == [pytest.approx(12, abs=1)] * 2
+    with tifffile.TiffFile(tmp_path / "mixed-counted.tiff") as tif:
+        assert [p.shape for p in tif.pages] == [(s, s, 3) for s in sizes]
 
 
 def test_existing_output_files_are_never_overwritten(counter, tmp_path):
@@ -131,24 +149,29 @@ def test_existing_output_files_are_never_overwritten(counter, tmp_path):
     (tmp_path / "cells-counted.tiff").write_bytes(b"precious")
     first = run(counter, image, tmp_path)
     second = run(counter, image, tmp_path)
-    assert [f.name for f in first.output_files] == ["cells-counted-1.tiff", "cells-counts-1.csv"]
-    assert [f.name for f in second.output_files] == ["cells-counted-2.tiff", "cells-counts-2.csv"]
+    assert [f.name for f in first.output_files] == ["cells-counted-1.tiff"]
+    assert [f.name for f in second.output_files] == ["cells-counted-2.tiff"]
+    assert (tmp_path / "cells-counts-1.csv").is_file() and (tmp_path / "cells-counts-2.csv").is_file()
     assert (tmp_path / "cells-counted.tiff").read_bytes() == b"precious"
 
 
 def test_concurrent_writers_of_the_same_names_get_different_files(tmp_path):
-    results: list[list[Path]] = []
+    results: list[list[str]] = []
 
     def write() -> None:
-        results.append(publish_together(tmp_path, [("a-counted.tiff", lambda p: p.write_text("x")),
-                                                   ("a-counts.csv", lambda p: p.write_text("y"))]))
+        folder = OutputFolder.open(tmp_path)
+        try:
+            results.append(publish_together(folder, [("a-counted.tiff", lambda h: h.write(b"x")),
+                                                      ("a-counts.csv", lambda h: h.write(b"y"))]))
+        finally:
+            folder.close()
 
     threads = [threading.Thread(target=write) for _ in range(8)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    names = [p.name for paths in results for p in paths]
+    names = [name for names in results for name in names]
     assert len(names) == 16 and len(set(names)) == 16
 
 

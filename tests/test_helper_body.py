@@ -23,7 +23,7 @@ def test_complete_outcome_body_has_string_fields_and_an_array_of_output_files():
             {
                 "DirName": "/tmp/files/output",
                 "Name": "a-counted.tiff",
-                "Extension": "tiff",
+                "Extension": ".tiff",
                 "Status": "",
                 "ErrorDetails": None,
                 "Owner": "",
@@ -45,9 +45,26 @@ def test_failed_outcome_body_has_no_flags_no_files_and_the_reason_as_results():
 
 
 def test_seed_name_create_inference_response_serialises_mapping_results_compactly():
-    body = create_inference_response({"top": [{"label": "cat"}]}, "PipelineComplete", output_files=["/o/x.csv"])
+    body = create_inference_response({"top": [{"label": "cat"}]}, "PipelineComplete", output_files=["/o/x.png"])
     assert body["Results"] == '{"top":[{"label":"cat"}]}'
-    assert isinstance(body["OutputFiles"], list) and body["OutputFiles"][0]["Extension"] == "csv"
+    assert isinstance(body["OutputFiles"], list) and body["OutputFiles"][0]["Extension"] == ".png"
+
+
+@pytest.mark.parametrize("extension", ["tiff", ".tiff", ""])
+def test_create_inference_response_puts_the_dot_on_an_extension_given_without_it(extension):
+    given = {"DirName": "/tmp/files/output", "Name": "1-tiffany.tiff", "Extension": extension}
+    body = create_inference_response("x", output_files=[Path("/tmp/files/output/a.png"), given])
+    assert [(f["Name"], f["Extension"]) for f in body["OutputFiles"]] == [("a.png", ".png"), ("1-tiffany.tiff", ".tiff")]
+    assert body["OutputFiles"][1] == {
+        "DirName": "/tmp/files/output", "Name": "1-tiffany.tiff", "Extension": ".tiff",
+        "Status": "", "ErrorDetails": None, "Owner": "",
+    }
+
+
+def test_output_file_in_a_folder_keeps_the_folder_as_given():
+    output = OutputFile.in_folder("/tmp/files/linked-output", "a-counted.tiff")
+    entry = job_update_body(PipelineOutcome.complete("{}", output_files=(output,)))["OutputFiles"][0]
+    assert (entry["DirName"], entry["Name"], entry["Extension"]) == ("/tmp/files/linked-output", "a-counted.tiff", ".tiff")
 
 
 def test_seed_name_create_inference_response_refuses_an_unknown_status():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from PIL import Image
+
 from helper import (
     AicsdClient,
     RetryPolicy,
@@ -17,14 +19,14 @@ from aicsd.outcome import OutputFile, PipelineOutcome
 
 def test_seed_functions_update_the_job_then_report_the_status(aicsd, tmp_path):
     job = aicsd.new_job()
-    result = tmp_path / "out.csv"
-    result.write_text("a,b\n")
+    result = tmp_path / "out.png"
+    Image.new("L", (4, 4)).save(result)  # the file sender opens every listed file as an image
     body = create_inference_response({"CellCount": 3}, "PipelineComplete", output_files=[result])
     assert send_pipeline_inference_results(job.job_update_url, body, "10.0.0.1").ok
     assert send_pipeline_status(job.pipeline_status_url, "PipelineComplete", "10.0.0.1").ok
     state = aicsd.wait_for_status(job.job_id, timeout=5)
     assert state.ended == "complete" and state.results == '{"CellCount":3}'
-    assert state.output_files[0]["name"] == "out.csv"
+    assert state.output_files[0]["name"] == "out.png" and state.viewable == ["out.jpeg"]
 
 
 def test_status_sent_without_a_job_update_is_refused_by_aicsd(aicsd):
@@ -54,7 +56,7 @@ def test_report_retries_a_failing_status_and_never_sends_a_status_after_a_refuse
 
 def test_output_files_listed_in_the_update_exist_when_the_status_arrives(aicsd, tmp_path):
     image = tmp_path / "x-counted.tiff"
-    image.write_bytes(b"II*\x00")
+    Image.new("RGB", (4, 4)).save(image)  # the file sender opens every listed file as an image
     job = aicsd.new_job()
     with AicsdClient(RetryPolicy(tries=1)) as client:
         client.report(CallbackUrls(job.job_id, job.task_id, job.job_update_url, job.pipeline_status_url),

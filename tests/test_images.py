@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import tifffile
@@ -294,9 +296,10 @@ def test_truncated_image_is_an_image_error_naming_the_file(tmp_path, fmt, kept):
         Image.fromarray(data).save(full, fmt.upper())
     path = tmp_path / f"cut.{fmt}"
     path.write_bytes(full.read_bytes()[: len(full.read_bytes()) * kept // 100])
-    with pytest.raises(ImageError, match=f"input file 'cut.{fmt}' is not a readable image: "):
+    reason = f"'cut.{fmt}' (is not a readable image: |is incomplete: it declares 200x200 pixels)"
+    with pytest.raises(ImageError, match=reason):
         read_pages(path, max_pixels=LIMIT)
-    with pytest.raises(ImageError, match=f"input file 'cut.{fmt}' is not a readable image: "):
+    with pytest.raises(ImageError, match=reason):
         load_rgb(path, size=(32, 32), resize_type="crop", crop_fraction=0.875, max_pixels=LIMIT)
 
 
@@ -305,7 +308,7 @@ def test_truncated_compressed_tiff_is_an_image_error(tmp_path):
     tifffile.imwrite(full, noise((200, 200)), compression="zlib")
     path = tmp_path / "cut.tiff"
     path.write_bytes(full.read_bytes()[: len(full.read_bytes()) // 2])
-    with pytest.raises(ImageError, match="'cut.tiff' is not a readable image"):
+    with pytest.raises(ImageError, match="'cut.tiff' is incomplete: .* its data runs past the end of the file"):
         read_pages(path, max_pixels=LIMIT)
 
 
@@ -541,3 +544,192 @@ def test_bilevel_tiff_reads_as_bool_and_converts_to_black_and_white(tmp_path):
     [page] = read_pages(path, max_pixels=LIMIT)
     assert page.dtype == bool
     np.testing.assert_array_equal(to_rgb8(page)[:, :, 1], np.where(mask, 255, 0))
+
+
+# --- image bombs: many pages, data that cannot fill the declared size, memory in flight ----------
+
+
+@pytest.fixture(scope="module")
+def many_pages(tmp_path_factory):
+    """A TIFF of 3,000 1x1 pages of different widths (the shape that makes series detection slow)."""
+    path = tmp_path_factory.mktemp("bombs") / "pages.tiff"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(noise((64, 64)), contiguous=False, metadata=None)
+        for i in range(2999):
+            tif.write(np.zeros((1, 1 + i % 7), np.uint8), contiguous=False, metadata=None)
+    return path
+
+
+@pytest.fixture
+def pages_parsed(monkeypatch):
+    """Counts the TIFF pages tifffile parses (each costs a TiffPage)."""
+    count = [0]
+    real = tifffile.TiffPage.__init__
+
+    def counting(self, *args, **kwargs):
+        count[0] += 1
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(tifffile.TiffPage, "__init__", counting)
+    return count
+
+
+def test_classifying_a_tiff_of_thousands_of_pages_parses_only_the_first(many_pages, pages_parsed):
+    out = load_rgb(many_pages, size=(16, 16), max_pixels=LIMIT)
+    assert out.shape == (16, 16, 3)
+    assert pages_parsed[0] == 1
+
+
+def test_tiff_over_the_page_limit_is_refused_before_its_pages_are_parsed(many_pages, pages_parsed):
+    with pytest.raises(ImageError, match=r"'pages.tiff' has more than 1,000 pages.*\(PIPELINE_MAX_PAGES\)"):
+        read_pages(many_pages, max_pixels=LIMIT, max_pages=1000)
+    assert pages_parsed[0] <= 2
+
+
+def test_tiff_within_the_page_limit_gives_every_page(many_pages):
+    pages = read_pages(many_pages, max_pixels=LIMIT, max_pages=3000)
+    assert len(pages) == 3000 and pages[0].shape == (64, 64) and pages[7].shape == (1, 7)
+
+
+def forged_jpeg(path, width, height, **save):
+    """A real 64x64 JPEG whose frame header claims width x height."""
+    import io
+    import struct
+
+    buffer = io.BytesIO()
+    Image.fromarray(noise((64, 64, 3), seed=9)).save(buffer, "JPEG", **save)
+    data = bytearray(buffer.getvalue())
+    sof = max(data.find(b"\xff\xc0"), data.find(b"\xff\xc2"))
+    struct.pack_into(">HH", data, sof + 5, height, width)
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("progressive", [False, True], ids=["baseline", "progressive"])
+def test_jpeg_whose_data_cannot_fill_its_declared_size_is_refused_before_decoding(tmp_path, no_decoding, progressive):
+    path = forged_jpeg(tmp_path / "forged.jpg", 10000, 10000, progressive=progressive)
+    reason = r"image 'forged.jpg' is incomplete: it declares 10000x10000 pixels but holds only [\d,]+ bytes of coded data"
+    with pytest.raises(ImageError, match=reason):
+        load_rgb(path, size=(224, 224), max_pixels=LIMIT)
+    with pytest.raises(ImageError, match=reason):
+        read_pages(path, max_pixels=LIMIT)
+    assert no_decoding == []
+
+
+@pytest.mark.parametrize("save", [{}, {"optimize": True}, {"progressive": True, "optimize": True}],
+                         ids=["baseline", "optimized", "progressive"])
+def test_large_flat_jpeg_that_compresses_to_almost_nothing_is_still_read(tmp_path, save):
+    # As little coded data as a real encoder makes per block: the check must not refuse it.
+    path = tmp_path / "flat.jpg"
+    Image.new("RGB", (3000, 2000), (90, 90, 90)).save(path, "JPEG", quality=50, **save)
+    assert read_pages(path, max_pixels=LIMIT)[0].shape == (2000, 3000, 3)
+
+
+def test_png_whose_data_cannot_fill_its_declared_size_is_refused_before_decoding(tmp_path, no_decoding):
+    import struct
+    import zlib
+
+    path = tmp_path / "forged.png"
+    Image.fromarray(noise((64, 64, 3))).save(path)
+    data = bytearray(path.read_bytes())
+    struct.pack_into(">II", data, 16, 10000, 10000)
+    struct.pack_into(">I", data, 29, zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
+    with pytest.raises(ImageError, match="'forged.png' is incomplete: it declares 10000x10000 pixels"):
+        read_pages(path, max_pixels=LIMIT)
+    assert no_decoding == []
+
+
+def test_tiff_with_a_strip_that_holds_no_data_is_refused(tmp_path):
+    path = tmp_path / "sparse.tiff"
+    tifffile.imwrite(path, noise((64, 64)), rowsperstrip=16, metadata=None)
+    with tifffile.TiffFile(path, mode="r+b") as tif:
+        counts = list(tif.pages[0].tags["StripByteCounts"].value)
+        tif.pages[0].tags["StripByteCounts"].overwrite([*counts[:-1], 0])
+    with pytest.raises(ImageError, match="'sparse.tiff' is incomplete: .* some of its strips or tiles hold no data"):
+        read_pages(path, max_pixels=LIMIT)
+
+
+def test_image_larger_than_the_whole_memory_budget_fails_with_that_reason(tmp_path, no_decoding):
+    from pipeline.memory import MemoryBudget
+
+    path = tmp_path / "big.tiff"
+    tifffile.imwrite(path, np.zeros((1000, 1000), np.uint16))
+    budget = MemoryBudget(4 << 20)
+    with budget.claim() as claim, pytest.raises(
+        ImageError, match=r"image 'big.tiff' needs about 10 MB to process, more than the whole image memory "
+                          r"budget of 4 MB \(PIPELINE_IMAGE_MEMORY_MB\)"
+    ):
+        read_pages(path, max_pixels=LIMIT, memory=claim)
+    assert no_decoding == [] and budget.used_bytes == 0
+
+
+def test_jobs_wait_for_image_memory_so_only_what_fits_is_decoded_at_once(tmp_path, monkeypatch):
+    """Four readers of an image whose cost fits the budget only once: never two decoding at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.memory import MemoryBudget
+
+    path = tmp_path / "one.tiff"
+    tifffile.imwrite(path, noise((500, 500)))
+    cost = 500 * 500 * (1 + 8)
+    budget = MemoryBudget(cost + cost // 2)
+    active, peak, lock = [0], [0], threading.Lock()
+    real = tifffile.TiffPage.asarray
+
+    def tracked(self, *args, **kwargs):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        try:
+            return real(self, *args, **kwargs)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(tifffile.TiffPage, "asarray", tracked)
+    barrier = threading.Barrier(4)
+
+    def job(_: int) -> int:
+        barrier.wait(30)
+        with budget.claim() as claim:
+            pages = read_pages(path, max_pixels=LIMIT, memory=claim)
+            assert budget.used_bytes <= budget.total_bytes
+            # Hold the image a moment as a pipeline would, so the others must wait for it.
+            return int(pages[0].sum() > 0)
+
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(job, range(4), timeout=60)) == [1, 1, 1, 1]
+    assert peak[0] == 1 and budget.used_bytes == 0
+
+
+def test_a_waiting_claim_is_served_when_memory_is_given_back_and_in_arrival_order():
+    from pipeline.memory import MemoryBudget
+
+    budget = MemoryBudget(100)
+    order: list[str] = []
+    first = budget.claim()
+    first.reserve(80, "first")
+    started = threading.Event()
+
+    def later(name: str, nbytes: int) -> None:
+        with budget.claim() as claim:
+            started.set()
+            claim.reserve(nbytes, name)
+            order.append(name)
+
+    big = threading.Thread(target=later, args=("big", 60))
+    big.start()
+    started.wait(10)
+    while not budget._queue:  # the big one is queued
+        threading.Event().wait(0.01)
+    small = threading.Thread(target=later, args=("small", 10))
+    small.start()
+    while len(budget._queue) < 2:
+        threading.Event().wait(0.01)
+    # 10 bytes would fit now, but the small claim queues behind the big one.
+    assert order == []
+    first.release()
+    big.join(10)
+    small.join(10)
+    assert order == ["big", "small"] and budget.used_bytes == 0

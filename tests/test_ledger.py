@@ -14,6 +14,7 @@ import pytest
 from aicsd.callbacks import CallbackAnswer
 from aicsd.job import SEED_EXAMPLE, Job, JobRequest
 from aicsd.outcome import OutputFile, PipelineOutcome
+from pipeline.base import OutputFolder
 from pipeline.output_files import publish_together
 from serving.ledger import Claim, JobLedger, LedgerBusy, State, job_digest
 
@@ -28,7 +29,10 @@ def ledger_at(path: Path, **kwargs) -> JobLedger:
 
 
 def outcome(tmp_path: Path) -> PipelineOutcome:
-    return PipelineOutcome.complete('{"CellCount":3}', "LowContrast", (OutputFile(tmp_path / "a-counted.tiff"),))
+    # The folder as AiCSD sent it, which the stored outcome must give back as it was.
+    return PipelineOutcome.complete(
+        '{"CellCount":3}', "LowContrast", (OutputFile.in_folder("/tmp/files/output", "a-counted.tiff"),)
+    )
 
 
 def job(**changes: str) -> Job:
@@ -115,14 +119,15 @@ def test_a_job_left_running_by_a_killed_process_runs_again_without_its_files(tmp
     code = (
         "import os, signal, sys\n"
         "from pathlib import Path\n"
+        "from pipeline.base import OutputFolder\n"
         "from pipeline.output_files import publish_together\n"
         "from serving.ledger import JobLedger\n"
         "key = ('job-1', 'task-1', 'digest-1')\n"
         "ledger = JobLedger(Path(sys.argv[1]), keep_reported=60)\n"
         "ledger.claim(key)\n"
-        "folder = Path(sys.argv[2])\n"
-        "def die_after_linking(path):\n"
-        "    path.write_bytes(b'half a result')\n"
+        "folder = OutputFolder.open(Path(sys.argv[2]))\n"
+        "def die_after_linking(handle):\n"
+        "    handle.write(b'half a result')\n"
         "publish_together(folder, [('a-counted.tiff', die_after_linking)],\n"
         "                 record=lambda files: ledger.files_written(key, files))\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"
@@ -143,17 +148,18 @@ def test_a_crash_mid_write_leaves_no_temporary_behind_after_the_rerun(tmp_path):
     code = (
         "import os, signal, sys\n"
         "from pathlib import Path\n"
+        "from pipeline.base import OutputFolder\n"
         "from pipeline.output_files import publish_together\n"
         "from serving.ledger import JobLedger\n"
         "key = ('job-1', 'task-1', 'digest-1')\n"
         "ledger = JobLedger(Path(sys.argv[1]), keep_reported=60)\n"
         "ledger.claim(key)\n"
-        "def write(path):\n"
-        "    path.write_bytes(b'partial')\n"
+        "def write(handle):\n"
+        "    handle.write(b'partial')\n"
         "def record_then_die(files):\n"
         "    ledger.files_written(key, files)\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
-        "publish_together(Path(sys.argv[2]), [('b.tiff', write)], record=record_then_die)\n"
+        "publish_together(OutputFolder.open(Path(sys.argv[2])), [('b.tiff', write)], record=record_then_die)\n"
     )
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "ledger.sqlite3"), str(out)], cwd=REPO)
     assert [p.name for p in out.iterdir() if p.name.endswith(".partial")]
@@ -210,7 +216,11 @@ def test_release_forgets_a_run_that_stored_no_outcome_and_removes_its_files(tmp_
     out.mkdir()
     ledger = ledger_at(tmp_path)
     ledger.claim(KEY)
-    publish_together(out, [("c.tiff", lambda p: p.write_bytes(b"x"))], record=lambda f: ledger.files_written(KEY, f))
+    folder = OutputFolder.open(out)
+    try:
+        publish_together(folder, [("c.tiff", lambda h: h.write(b"x"))], record=lambda f: ledger.files_written(KEY, f))
+    finally:
+        folder.close()
     ledger.release(KEY)
     assert list(out.iterdir()) == []
     assert ledger.claim(KEY).runs == 1

@@ -345,10 +345,8 @@ class TestCounting:
         # The stand-in checked every listed file on disk when the status arrived.
         assert state.ended == "complete" and state.missing_files == []
         listed = [(f["dirname"], f["name"], f["extension"]) for f in state.output_files]
-        assert listed == [
-            (str(file_root / "output"), f"{image.stem}-counted.tiff", "tiff"),
-            (str(file_root / "output"), f"{image.stem}-counts.csv", "csv"),
-        ]
+        assert listed == [(str(file_root / "output"), f"{image.stem}-counted.tiff", ".tiff")]
+        assert state.viewable == [f"{image.stem}-counted.jpeg"]
 
     def test_bad_counting_parameter_fails_the_job_naming_it(self, service, aicsd, client, file_root):
         from devtools.synthetic_blobs import make_image
