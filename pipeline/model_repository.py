@@ -213,6 +213,21 @@ class ModelRepository:
                 self._compiled[name] = compiled
             return compiled
 
+    def describe(self, name: str) -> tuple[ModelEntry, dict[str, str]]:
+        """The served entry of `name` and its model_info entries (sidecar overlaid by rt_info),
+        read without compiling: what decides which pipeline kind serves the model."""
+        entry = self.entry(name)
+        if entry.model_file is None:
+            raise ModelError(
+                f"model '{entry.name}' has no model file in {entry.directory}/{entry.version} "
+                "(an .xml+.bin IR or an .onnx file)"
+            )
+        try:
+            model = self.core.read_model(entry.model_file)
+        except RuntimeError as exc:
+            raise ModelError(f"model '{entry.name}' cannot be read from {entry.model_file}: {exc}") from None
+        return entry, _info_entries(model, entry)
+
     def loaded(self) -> list[CompiledModel]:
         with self._lock:
             return list(self._compiled.values())
