@@ -11,12 +11,13 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from aicsd.errors import ModelError, PipelineError
+from aicsd.errors import PipelineError
 from aicsd.job import Job, ModelParams
 from aicsd.logs import JobLog
 from aicsd.outcome import PipelineOutcome
 from pipeline.base import Pipeline, PipelineTask
 from pipeline.classification import ClassificationPipeline
+from pipeline.model_api import ModelApiModel, ModelApiPipeline, own_kind
 from pipeline.counting import CountingPipeline
 from pipeline.model_repository import CompiledModel, ModelRepository
 from pipeline.output_files import FilesRecorder
@@ -34,7 +35,8 @@ PIPELINE_KINDS: dict[str, PipelineFactory] = {
     "Classification": lambda model, max_pixels: ClassificationPipeline(model, max_pixels=max_pixels),
     "BlobCounting": lambda model, max_pixels: CountingPipeline(model, max_pixels=max_pixels),
 }
-"""model_type (from the model's rt_info) -> the pipeline kind that serves it."""
+"""Our own kinds -> the pipeline kind that serves them (`own_kind` says which a model asks for);
+every other model is served through openvino-model-api (`pipeline.model_api`)."""
 
 
 class PipelineRunner:
@@ -51,15 +53,16 @@ class PipelineRunner:
         with self._lock:
             pipeline = self._pipelines.get(model_name)
             if pipeline is None:
-                model = self.repository.get(model_name)
-                model_type = model.info.model_type or "Classification"
-                factory = PIPELINE_KINDS.get(model_type)
-                if factory is None:
-                    known = ", ".join(sorted(PIPELINE_KINDS))
-                    raise ModelError(
-                        f"model '{model_name}' has model_type '{model_type}', which no pipeline serves (known: {known})"
-                    )
-                pipeline = factory(model, self.settings.max_pixels)
+                entry, entries = self.repository.describe(model_name)
+                factory = PIPELINE_KINDS.get(own_kind(entries))
+                if factory is not None:
+                    pipeline = factory(self.repository.get(model_name), self.settings.max_pixels)
+                else:  # every other model_type: openvino-model-api, or a ModelError saying what is missing
+                    assert entry.model_file is not None
+                    model = ModelApiModel(entry.name, entry.model_file, entries, core=self.repository.core,
+                                          device=self.repository.device,
+                                          performance_hint=self.repository.performance_hint)
+                    pipeline = ModelApiPipeline(model, max_pixels=self.settings.max_pixels)
                 self._pipelines[model_name] = pipeline
             return pipeline
 
