@@ -187,7 +187,8 @@ class TestSegmentation:
         assert results["Classes"] == expected
         assert list(results)[0] == "Count" and results["Count"] == 3 and outcome.qc_flags == ""
         (picture,) = outcome.output_files
-        drawn = np.asarray(Image.open(picture.path).convert("RGB")).astype(float)
+        with Image.open(picture.path) as image:
+            drawn = np.asarray(image.convert("RGB")).astype(float)
         tinted = np.array(RED) * (1 - MASK_OPACITY) + np.array(colour(1)) * MASK_OPACITY
         assert drawn[5, 5] == pytest.approx(tinted, abs=1) and tuple(drawn[15, 15]) == (0, 0, 0)
 
