@@ -301,3 +301,17 @@ def test_jobs_on_several_threads_each_get_their_own_image_s_boxes(repository, tm
     with ThreadPoolExecutor(4) as pool:
         boxes = list(pool.map(one, range(len(images))))
     assert boxes == [expected_boxes(rgb)["red"][0] for rgb in images]
+
+
+def test_our_own_kinds_declare_their_parameters_and_name_every_bad_key_too():
+    from pipeline.classification import ClassificationParams
+    from pipeline.counting import CountingParams
+    from pipeline.model_repository import ModelInfo
+
+    with pytest.raises(InvalidParameters) as caught:
+        CountingParams.from_params(ModelParams({"Polarity": "up", "Threshold": "5", "Brightness": "0"}), ModelInfo())
+    assert caught.value.keys == ["Polarity", "Threshold"]
+    assert [p["name"] for p in CountingParams.schema(ModelInfo()).describe()] == [
+        "Polarity", "MinDiameter", "MaxDiameter", "Threshold"]
+    top_k = ClassificationParams.schema(1000).describe()[0]
+    assert (top_k["name"], top_k["default"], top_k["min"], top_k["max"]) == ("TopK", 5, 1, 1000)
