@@ -315,3 +315,9 @@ def test_our_own_kinds_declare_their_parameters_and_name_every_bad_key_too():
         "Polarity", "MinDiameter", "MaxDiameter", "Threshold"]
     top_k = ClassificationParams.schema(1000).describe()[0]
     assert (top_k["name"], top_k["default"], top_k["min"], top_k["max"]) == ("TopK", 5, 1, 1000)
+
+
+def test_the_bundled_classifier_keeps_our_own_kind(efficientnet_dir):
+    repository = ModelRepository(efficientnet_dir.parent, cache_dir=None)
+    _, entries = repository.describe("efficientnet-lite0")
+    assert entries["model_type"] == "Classification" and own_kind(entries) == "Classification"
