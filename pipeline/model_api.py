@@ -109,7 +109,10 @@ class ModelApiModel:
             )
         self.model_type = model_type
         wrapper_class = Model.get_model_class(model_type)
-        self.family: Family = family_for(wrapper_class, entries)  # type: ignore[assignment]
+        family = family_for(wrapper_class, entries)
+        if family is None:
+            raise ModelError(f"model '{name}' has model_type '{model_type}', which needs more than one image a job")
+        self.family: Family = family
         config = {"PERFORMANCE_HINT": entries.get("performance_hint", performance_hint)}
         if "inference_precision" in entries:
             config["INFERENCE_PRECISION_HINT"] = entries["inference_precision"]
@@ -133,7 +136,7 @@ class ModelApiModel:
             self.schema: ParameterSchema = self.family.schema(self.wrapper)
         except ModelError:
             raise
-        except Exception as exc:  # the library raises WrapperError, ValueError, RuntimeError, KeyError ...
+        except Exception as exc:  # noqa: BLE001 - the library raises WrapperError, ValueError, KeyError ...
             raise ModelError(f"model '{name}' (model_type {model_type}) cannot be served by openvino-model-api: "
                              f"{exc}") from None
         self.adapter = adapter
@@ -162,7 +165,7 @@ class ModelApiModel:
             finally:
                 self._pool.put(request)
             return self.wrapper.postprocess(raw, meta)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure inside the library is the model's failure
             raise ModelError(f"model '{self.name}' failed to run: {exc}") from None
 
 

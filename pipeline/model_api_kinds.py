@@ -23,6 +23,7 @@ from model_api.models import (
     DetectionModel,
     InstanceSegmentationModel,
     KeypointDetectionModel,
+    Model,
     SegmentationModel,
 )
 from model_api.models.result import (
@@ -69,7 +70,7 @@ def results_json(results: Mapping[str, Any]) -> str:
     return json.dumps(results, separators=(",", ":"), ensure_ascii=False)
 
 
-def _own(wrapper_class: type, entries: Mapping[str, str], name: str) -> Any:
+def _own(wrapper_class: type[Model], entries: Mapping[str, str], name: str) -> Any:
     """The model's own value of a library parameter: its model_info entry, else the library default."""
     param = wrapper_class.parameters()[name]
     if name in entries:
@@ -91,7 +92,7 @@ class Family:
     name = ""
     picture_suffix: str | None = None
 
-    def __init__(self, wrapper_class: type, entries: Mapping[str, str]) -> None:
+    def __init__(self, wrapper_class: type[Model], entries: Mapping[str, str]) -> None:
         self.wrapper_class = wrapper_class
         self.entries = entries
 
@@ -335,7 +336,7 @@ FAMILIES: tuple[tuple[type, type[Family]], ...] = (
 video clips, SAM's prompt-driven models) are not served: an AiCSD job is one image."""
 
 
-def family_for(wrapper_class: type, entries: Mapping[str, str]) -> Family | None:
+def family_for(wrapper_class: type[Model], entries: Mapping[str, str]) -> Family | None:
     """The family serving `wrapper_class`, or None when none does."""
     if issubclass(wrapper_class, ClassificationModel):
         hierarchical = _own(wrapper_class, entries, "hierarchical")

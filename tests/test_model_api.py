@@ -103,7 +103,7 @@ class TestMultiLabel:
     def test_every_label_above_the_threshold_is_reported_with_the_count_first(self, repository, tmp_path):
         rgb = draw(64, ((0, 0, 64, 64), YELLOW))
         outcome, results = run(pipeline_of(repository, "colour-tags"), rgb, tmp_path)
-        assert list(results)[0] == "Count" and results["Count"] == 2
+        assert next(iter(results)) == "Count" and results["Count"] == 2
         assert {item["Label"] for item in results["Labels"]} == {"red", "green"}
         assert all(item["Score"] == pytest.approx(sigmoid(10), abs=1e-4) for item in results["Labels"])
         assert outcome.qc_flags == ""
@@ -148,7 +148,7 @@ class TestDetection:
         with Image.open(picture.path) as image:
             assert image.format == "PNG" and image.size == (64, 64)
             drawn = np.asarray(image.convert("RGB"))
-        x1, y1, x2, y2 = truth["green"][0]
+        x1, y1, _, y2 = truth["green"][0]
         assert tuple(drawn[(y1 + y2) // 2, x1]) == colour(models.COLOURS.index("green"))
 
     def test_the_default_threshold_is_the_models_own_and_max_objects_limits_the_list(self, repository, tmp_path):
@@ -185,7 +185,7 @@ class TestSegmentation:
             for i, name in enumerate(models.COLOURS) if masks[name].any()
         ]
         assert results["Classes"] == expected
-        assert list(results)[0] == "Count" and results["Count"] == 3 and outcome.qc_flags == ""
+        assert next(iter(results)) == "Count" and results["Count"] == 3 and outcome.qc_flags == ""
         (picture,) = outcome.output_files
         with Image.open(picture.path) as image:
             drawn = np.asarray(image.convert("RGB")).astype(float)
