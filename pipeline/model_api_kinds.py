@@ -310,7 +310,8 @@ class Keypoints(Family):
 
     def schema(self, wrapper: Any) -> ParameterSchema:
         return ParameterSchema(
-            Param("MinScore", "number", 0.0, "lowest keypoint score that is reported", minimum=0.0, maximum=1.0),
+            Param("MinScore", "number", 0.0, "lowest keypoint score that is reported (a keypoint not found "
+                  "scores 0 and is never reported)", minimum=0.0, maximum=1.0),
         )
 
     def summarise(self, result: DetectedKeypoints, values: Mapping[str, Any], labels: Sequence[str]) -> Summary:
@@ -318,9 +319,10 @@ class Keypoints(Family):
         scores = np.asarray(result.scores, np.float64).reshape(-1)
         body, drawn = [], []
         for i, ((x, y), score) in enumerate(zip(points, scores)):
-            if score >= values["MinScore"]:
-                body.append({"Label": _label(labels, i), "X": round(x, 1), "Y": round(y, 1), "Score": _score(score)})
-                drawn.append(Point(x, y, i))
+            if score > 0 and score >= values["MinScore"]:  # the library scores a keypoint it did not find 0
+                body.append({"Label": _label(labels, i), "X": round(float(x), 1), "Y": round(float(y), 1),
+                             "Score": _score(score)})
+                drawn.append(Point(float(x), float(y), i))
         return Summary({"Count": len(body), "Keypoints": body}, [] if body else [NO_OBJECTS], Drawing(points=drawn))
 
 

@@ -152,3 +152,66 @@ def colour_pixels(rgb: np.ndarray) -> dict[str, np.ndarray]:
     """The expected colour masks of an HxWx3 uint8 RGB image, computed in numpy (the independent side)."""
     high, low = rgb > 127.5, rgb < 127.5
     return {name: high[:, :, c] & low[:, :, (c + 1) % 3] & low[:, :, (c + 2) % 3] for c, name in enumerate(COLOURS)}
+
+
+def _box_rows(image: ov.Node, size: int, pixels: bool) -> tuple[list[ov.Node], list[ov.Node]]:
+    """Per colour: [1,4] box (x0, y0, x1, y1; in pixels or normalised) and [1] score (fill ratio)."""
+    boxes, scores = [], []
+    for mask in _colour_masks(image):
+        mask2d = ops.reshape(mask, np.array([size, size], np.int64), False)
+        y0, y1 = _bbox_rows(mask2d, size, axis=0)
+        x0, x1 = _bbox_rows(mask2d, size, axis=1)
+        count = ops.reduce_sum(mask2d, np.array([0, 1], np.int64), keep_dims=False)
+        area = ops.maximum(ops.multiply(ops.subtract(x1, x0), ops.subtract(y1, y0)), np.float32(1))
+        scale = np.float32(1 if pixels else size)
+        corners = [ops.reshape(ops.divide(v, scale), np.array([1], np.int64), False) for v in (x0, y0, x1, y1)]
+        boxes.append(ops.reshape(ops.concat(corners, 0), np.array([1, 4], np.int64), False))
+        scores.append(ops.reshape(ops.divide(count, area), np.array([1], np.int64), False))
+    return boxes, scores
+
+
+def colour_instance_segmenter(size: int = SIZE) -> ov.Model:
+    """DETR-style instance segmentation: labels i64[1,3] (0 red, 1 green, 2 blue), boxes f32[1,3,5]
+    (x0, y0, x1, y1 in pixels, score = fill ratio) and full-image masks f32[1,3,S,S] (the colour masks)."""
+    image = _image(size)
+    boxes, scores = _box_rows(image, size, pixels=True)
+    rows = [ops.concat([box, ops.reshape(score, np.array([1, 1], np.int64), False)], 1)
+            for box, score in zip(boxes, scores)]
+    boxes_out = ops.reshape(ops.concat(rows, 0), np.array([1, 3, 5], np.int64), False)
+    boxes_out.output(0).get_tensor().set_names({"boxes"})
+    labels = ops.add(ops.multiply(ops.convert(ops.reduce_max(image, np.array([1, 2, 3], np.int64), keep_dims=False),
+                                              np.int64), np.int64(0)), ops.constant(np.array([[0, 1, 2]], np.int64)))
+    labels.output(0).get_tensor().set_names({"labels"})
+    masks = ops.concat(_colour_masks(image), 1)  # [1,3,S,S]
+    masks.output(0).get_tensor().set_names({"masks"})
+    return ov.Model([boxes_out, labels, masks], [image], "colour_instance_segmenter")
+
+
+def write_instance_segmenter(version_dir: Path) -> Path:
+    info = {"model_type": "DETRInstSeg", "labels": "background red green blue", "confidence_threshold": "0.5",
+            "task_type": "instance_segmentation", **GETI_PREPROCESSING}
+    return write_model(version_dir, colour_instance_segmenter(), info)
+
+
+def colour_corner_keypoints(size: int = SIZE) -> ov.Model:
+    """SimCC keypoints, one per colour: simcc_x f32[1,3,2S] and simcc_y f32[1,3,2S] are the colour
+    mask's column and row maxima, each bin repeated twice (split ratio 2), so the decoded keypoint is
+    the top-left corner of the colour's pixels, with score 1 (0 when the colour is absent)."""
+    image = _image(size)
+    xs, ys = [], []
+    for mask in _colour_masks(image):
+        mask2d = ops.reshape(mask, np.array([size, size], np.int64), False)
+        for axis, out in ((0, xs), (1, ys)):
+            profile = ops.reduce_max(mask2d, np.array([axis], np.int64), keep_dims=False)  # [S]
+            pairs = ops.concat([ops.reshape(profile, np.array([size, 1], np.int64), False)] * 2, 1)  # [S,2]
+            out.append(ops.reshape(pairs, np.array([1, 1, 2 * size], np.int64), False))
+    simcc_x, simcc_y = ops.concat(xs, 1), ops.concat(ys, 1)
+    simcc_x.output(0).get_tensor().set_names({"simcc_x"})
+    simcc_y.output(0).get_tensor().set_names({"simcc_y"})
+    return ov.Model([simcc_x, simcc_y], [image], "colour_corner_keypoints")
+
+
+def write_keypoints(version_dir: Path) -> Path:
+    info = {"model_type": "keypoint_detection", "labels": "red green blue", "apply_softmax": "False",
+            "task_type": "keypoint_detection", **GETI_PREPROCESSING}
+    return write_model(version_dir, colour_corner_keypoints(), info)

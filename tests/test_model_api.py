@@ -39,6 +39,8 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> ModelRepository:
     models.write_detector(root / "colour-boxes" / "1")
     models.write_segmenter(root / "colour-regions" / "1")
     models.write_anomaly(root / "red-anomaly" / "1")
+    models.write_instance_segmenter(root / "colour-instances" / "1")
+    models.write_keypoints(root / "colour-corners" / "1")
     return ModelRepository(root, device="CPU", performance_hint="THROUGHPUT", cache_dir=None)
 
 
@@ -171,6 +173,39 @@ class TestDetection:
         outcome, results = run(pipeline_of(repository, "colour-boxes"), draw(64), tmp_path)
         assert results["Count"] == 0 and results["Objects"] == [] and outcome.qc_flags == "NoObjects"
         assert len(outcome.output_files) == 1 and outcome.output_files[0].path.is_file()
+
+
+class TestInstanceSegmentation:
+    def test_objects_carry_their_mask_area_and_the_picture_tints_the_masks(self, repository, tmp_path):
+        rgb = draw(64, ((6, 4, 30, 20), RED), ((40, 30, 60, 50), GREEN))
+        outcome, results = run(pipeline_of(repository, "colour-instances"), rgb, tmp_path)
+        masks = models.colour_pixels(rgb)
+        truth = expected_boxes(rgb)
+        assert results["Count"] == 2
+        assert {o["Label"]: (o["Box"], o["Area"]) for o in results["Objects"]} == {
+            name: (truth[name][0], int(masks[name].sum())) for name in ("red", "green")}
+        (picture,) = outcome.output_files
+        with Image.open(picture.path) as image:
+            drawn = np.asarray(image.convert("RGB")).astype(float)
+        # the mask's class colour is the label index + 1 (index 0 of the class map is "nothing")
+        red_index = next(int(i) for i, n in enumerate(["background", *models.COLOURS]) if n == "red")
+        tinted = np.array(RED) * (1 - MASK_OPACITY) + np.array(colour(red_index + 1)) * MASK_OPACITY
+        assert drawn[12, 18] == pytest.approx(tinted, abs=1)
+
+
+class TestKeypoints:
+    def test_each_colour_s_keypoint_is_its_top_left_corner_and_missing_ones_are_not_reported(
+        self, repository, tmp_path
+    ):
+        rgb = draw(64, ((6, 4, 30, 20), RED), ((40, 30, 60, 50), GREEN))
+        outcome, results = run(pipeline_of(repository, "colour-corners"), rgb, tmp_path)
+        expected = []
+        for name, mask in models.colour_pixels(rgb).items():
+            ys, xs = np.nonzero(mask)
+            if len(xs):
+                expected.append({"Label": name, "X": float(xs.min()), "Y": float(ys.min()), "Score": 1.0})
+        assert results == {"Count": 2, "Keypoints": expected, "Model": "colour-corners"}
+        assert outcome.output_files[0].path.name.endswith("-keypoints.png")
 
 
 class TestSegmentation:
