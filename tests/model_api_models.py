@@ -215,3 +215,28 @@ def write_keypoints(version_dir: Path) -> Path:
     info = {"model_type": "keypoint_detection", "labels": "red green blue", "apply_softmax": "False",
             "task_type": "keypoint_detection", **GETI_PREPROCESSING}
     return write_model(version_dir, colour_corner_keypoints(), info)
+
+
+def colour_yolo(size: int = SIZE) -> ov.Model:
+    """YOLOv8-style output f32[1,7,3]: per colour an anchor (cx, cy, w, h in pixels of the box of its
+    pixels) with class scores one-hot times the fill ratio."""
+    image = _image(size)
+    boxes, scores = _box_rows(image, size, pixels=True)
+    columns = []
+    for c, (box, score) in enumerate(zip(boxes, scores)):
+        x0, y0, x1, y1 = (ops.gather(box, np.int64(i), np.int64(1)) for i in range(4))  # [1] each
+        centre_w = [ops.divide(ops.add(x0, x1), np.float32(2)), ops.divide(ops.add(y0, y1), np.float32(2)),
+                    ops.subtract(x1, x0), ops.subtract(y1, y0)]
+        classes = [ops.multiply(score, np.float32(1 if k == c else 0)) for k in range(3)]
+        columns.append(ops.reshape(ops.concat(centre_w + classes, 0), np.array([7, 1], np.int64), False))
+    out = ops.reshape(ops.concat(columns, 1), np.array([1, 7, 3], np.int64), False)
+    out.output(0).get_tensor().set_names({"output0"})
+    return ov.Model([out], [image], "colour_yolo")
+
+
+def write_yolo(version_dir: Path) -> Path:
+    """An Ultralytics-style YOLOv8 export: letterboxed input, RGB, 0..1."""
+    info = {"model_type": "YOLOv8", "labels": "red green blue", "confidence_threshold": "0.25",
+            "iou_threshold": "0.7", "resize_type": "fit_to_window_letterbox", "pad_value": "114",
+            "reverse_input_channels": "True", "scale_values": "255"}
+    return write_model(version_dir, colour_yolo(), info)

@@ -41,6 +41,7 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> ModelRepository:
     models.write_anomaly(root / "red-anomaly" / "1")
     models.write_instance_segmenter(root / "colour-instances" / "1")
     models.write_keypoints(root / "colour-corners" / "1")
+    models.write_yolo(root / "colour-yolo" / "1")
     return ModelRepository(root, device="CPU", performance_hint="THROUGHPUT", cache_dir=None)
 
 
@@ -173,6 +174,18 @@ class TestDetection:
         outcome, results = run(pipeline_of(repository, "colour-boxes"), draw(64), tmp_path)
         assert results["Count"] == 0 and results["Objects"] == [] and outcome.qc_flags == "NoObjects"
         assert len(outcome.output_files) == 1 and outcome.output_files[0].path.is_file()
+
+
+    def test_a_yolo_export_maps_letterboxed_boxes_back_to_the_image(self, repository, tmp_path):
+        rgb = np.zeros((64, 128, 3), np.uint8)  # wide: letterboxed into 64x64 with 16 rows of padding
+        rgb[8:40, 10:50] = RED
+        rgb[20:60, 80:120] = BLUE
+        _, results = run(pipeline_of(repository, "colour-yolo"), rgb, tmp_path)
+        got = {o["Label"]: o["Box"] for o in results["Objects"]}
+        truth = {name: box for name, (box, _) in expected_boxes(rgb).items()}
+        assert results["Count"] == 2 and set(got) == set(truth) == {"red", "blue"}
+        for name, box in truth.items():
+            assert got[name] == pytest.approx(box, abs=2)
 
 
 class TestInstanceSegmentation:
