@@ -104,6 +104,9 @@ def build_efficientnet_lite0(state: dict[str, np.ndarray], labels: list[str]) ->
     model = ov.Model([logits], [image], "efficientnet-lite0")
     info = {
         "model_type": "Classification",
+        # Our own classifier serves this model: its preprocessing keys are our dialect (RGB in,
+        # crop_fraction), not Model API's, and our path is faster for it (bench/classifier_paths.py).
+        "aicsd_pipeline": "Classification",
         "labels": " ".join(label.replace(" ", "_") for label in labels),
         "label_names": json.dumps(labels, ensure_ascii=False),
         "mean_values": " ".join(f"{v:g}" for v in MEAN),

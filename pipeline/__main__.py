@@ -2,8 +2,10 @@
 
     python -m pipeline run --model efficientnet-lite0 IMAGE [IMAGE ...] [--param TopK=3]
     python -m pipeline models
+    python -m pipeline describe --model colour-boxes
 
-Prints one JSON line per image with the status, QC flags, results and output files.
+Prints one JSON line per image with the status, QC flags, results and output files; `describe`
+prints the pipeline kind serving a model and its declared parameters.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--param", action="append", type=_param, default=[], metavar="KEY=VALUE",
                      help="a ModelParams entry, as typed in the AiCSD UI; repeatable")
     sub.add_parser("models", help="list the models in the repository")
+    describe = sub.add_parser("describe", help="the pipeline kind serving a model and its parameters")
+    describe.add_argument("--model", help="model directory name (default: PIPELINE_DEFAULT_MODEL)")
+    describe.set_defaults(param=[])
     return parser
 
 
@@ -65,10 +70,13 @@ def main(argv: list[str] | None = None) -> int:
         params["Model"] = args.model
     runner = PipelineRunner(settings, repository)
     try:
-        runner.pipeline(runner.model_name(ModelParams(params)))
+        pipeline = runner.pipeline(runner.model_name(ModelParams(params)))
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.command == "describe":
+        print(json.dumps(pipeline.describe(), indent=2, ensure_ascii=False))
+        return 0
     failures = 0
     for image in args.images:
         outcome = runner.run_local(image.absolute(), args.output.absolute(), ModelParams(params))

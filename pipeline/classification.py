@@ -13,6 +13,7 @@ from .images import load_rgb
 from aicsd.job import ModelParams
 from .model_repository import CompiledModel
 from aicsd.outcome import PipelineOutcome
+from .parameters import Param, ParameterSchema
 
 __all__ = ["Classification", "ClassificationParams", "ClassificationPipeline", "Prediction", "to_probabilities"]
 
@@ -26,12 +27,18 @@ class ClassificationParams:
     top_k: int
     min_confidence: float
 
+    @staticmethod
+    def schema(num_classes: int) -> ParameterSchema:
+        return ParameterSchema(
+            Param("TopK", "integer", min(5, num_classes), "how many labels to return", minimum=1, maximum=num_classes),
+            Param("MinConfidence", "number", 0.2, f"QCFlags {LOW_CONFIDENCE} when the top score is below it",
+                  minimum=0.0, maximum=1.0),
+        )
+
     @classmethod
     def from_params(cls, params: ModelParams, num_classes: int) -> ClassificationParams:
-        return cls(
-            top_k=params.integer("TopK", min(5, num_classes), minimum=1, maximum=num_classes),
-            min_confidence=params.number("MinConfidence", 0.2, minimum=0.0, maximum=1.0),
-        )
+        values = cls.schema(num_classes).parse(params)
+        return cls(top_k=values["TopK"], min_confidence=values["MinConfidence"])
 
 
 @dataclass(frozen=True)
@@ -102,6 +109,11 @@ class ClassificationPipeline:
         task.log.info("top-1 %s (%d) %.3f", best.label, best.index, best.score)
         flags = LOW_CONFIDENCE if best.score < params.min_confidence else ""
         return PipelineOutcome.complete(result.to_results(), qc_flags=flags)
+
+    def describe(self) -> dict[str, object]:
+        """What a pipeline listing shows: the model type, the kind and its parameters."""
+        return {"model_type": self.model_type, "kind": "classification (ours)",
+                "parameters": ClassificationParams.schema(self._num_classes()).describe()}
 
     def warm_up(self) -> None:
         """One inference on a blank image, so the first real job pays no first-run cost."""

@@ -30,6 +30,7 @@ from .images import read_pages, to_rgb8
 from aicsd.job import ModelParams
 from .model_repository import CompiledModel, ModelInfo
 from .output_files import publish_together
+from .parameters import Param, ParameterSchema
 from aicsd.outcome import OutputFile, PipelineOutcome
 
 __all__ = ["TABLE_COLUMNS", "Blob", "CountingParams", "CountingPipeline", "PageQuality", "blob_table", "page_quality"]
@@ -51,18 +52,31 @@ class CountingParams:
     max_diameter: float
     threshold: float
 
-    @classmethod
-    def from_params(cls, params: ModelParams, info: ModelInfo) -> CountingParams:
+    @staticmethod
+    def schema(info: ModelInfo) -> ParameterSchema:
+        """The counter's declared parameters; a model may give its own defaults in model_info."""
+
         def default(key: str, fallback: float) -> float:
             return float(info.extra.get(key, fallback))
 
-        polarity = params.choice("Polarity", "bright", ("bright", "dark"))
-        low = params.number("MinDiameter", default("default_min_diameter", 3), minimum=1, maximum=10_000)
-        high = params.number("MaxDiameter", default("default_max_diameter", 50), minimum=1, maximum=10_000)
+        return ParameterSchema(
+            Param("Polarity", "choice", "bright", "bright blobs on a dark background, or dark on bright",
+                  choices=("bright", "dark")),
+            Param("MinDiameter", "number", default("default_min_diameter", 3), "smallest blob diameter, pixels",
+                  minimum=1, maximum=10_000),
+            Param("MaxDiameter", "number", default("default_max_diameter", 50), "largest blob diameter, pixels",
+                  minimum=1, maximum=10_000),
+            Param("Threshold", "number", default("default_threshold", 0.1), "minimum blob response, as a fraction "
+                  "of the page's robust intensity range", minimum=0.001, maximum=1.0),
+        )
+
+    @classmethod
+    def from_params(cls, params: ModelParams, info: ModelInfo) -> CountingParams:
+        values = cls.schema(info).parse(params)
+        low, high = values["MinDiameter"], values["MaxDiameter"]
         if high < low:
             raise ParameterError("MaxDiameter", f"must not be below MinDiameter ({low:g}), got {high:g}")
-        threshold = params.number("Threshold", default("default_threshold", 0.1), minimum=0.001, maximum=1.0)
-        return cls(polarity, low, high, threshold)
+        return cls(values["Polarity"], low, high, values["Threshold"])
 
     def as_results(self) -> dict[str, object]:
         return {"Polarity": self.polarity, "MinDiameter": self.min_diameter, "MaxDiameter": self.max_diameter,
@@ -179,6 +193,11 @@ class CountingPipeline:
             for i in chosen
             if params.min_diameter <= diameters[i] <= params.max_diameter
         ]
+
+    def describe(self) -> dict[str, object]:
+        """What a pipeline listing shows: the model type, the kind and its parameters."""
+        return {"model_type": self.model_type, "kind": "counting",
+                "parameters": CountingParams.schema(self.model.info).describe()}
 
     def run(self, task: PipelineTask) -> PipelineOutcome:
         params = CountingParams.from_params(task.params, self.model.info)

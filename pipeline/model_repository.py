@@ -229,6 +229,23 @@ class ModelRepository:
                 self._compiled[name] = compiled
             return compiled
 
+    def describe(self, name: str) -> tuple[ModelEntry, dict[str, str]]:
+        """The served entry of `name` and its model_info entries, read without compiling."""
+        entry = self.entry(name)
+        return entry, self.model_info(entry)
+
+    def model_info(self, entry: ModelEntry) -> dict[str, str]:
+        """One version's model_info entries (sidecar overlaid by rt_info), read without compiling:
+        what decides which pipeline kind serves the model. `ModelUnreadable` when its files do
+        not read (yet)."""
+        if entry.model_file is None:
+            raise no_model_file(entry)
+        try:
+            model = self.core.read_model(entry.model_file)
+        except RuntimeError as exc:
+            raise ModelUnreadable(f"model '{entry.name}' cannot be read from {entry.model_file}: {exc}") from None
+        return _info_entries(model, entry)
+
     def compile(self, entry: ModelEntry) -> CompiledModel:
         """Read and compile one model version; `ModelUnreadable` when its files do not read."""
         if entry.model_file is None:

@@ -146,8 +146,7 @@ class ModelWatcher:
             return  # this very version failed already; it is tried again once its files change
         served = self._loaded.get(name)
         try:
-            model = self.repository.compile(entry)
-            pipeline = self.runner.build(model)
+            pipeline = self.runner.build(entry)
             pipeline.warm_up()
         except ModelUnreadable as exc:
             if self._unreadable.get(name) != entry:

@@ -17,9 +17,10 @@ from aicsd.logs import JobLog, shown
 from aicsd.outcome import PipelineOutcome
 from pipeline.base import FilesRecorder, InputFile, OutputFolder, Pipeline, PipelineTask
 from pipeline.classification import ClassificationPipeline
+from pipeline.model_api import ModelApiModel, ModelApiPipeline, own_kind
 from pipeline.counting import CountingPipeline
 from pipeline.memory import MIB, MemoryBudget
-from pipeline.model_repository import CompiledModel, ModelRepository, no_model_file
+from pipeline.model_repository import CompiledModel, ModelEntry, ModelRepository, no_model_file
 
 from .files import open_input_file, open_output_folder
 from .settings import Settings
@@ -34,7 +35,8 @@ PIPELINE_KINDS: dict[str, PipelineFactory] = {
     "Classification": lambda model, max_pixels: ClassificationPipeline(model, max_pixels=max_pixels),
     "BlobCounting": lambda model, max_pixels: CountingPipeline(model, max_pixels=max_pixels),
 }
-"""model_type (from the model's rt_info) -> the pipeline kind that serves it."""
+"""Our own kinds -> the pipeline kind that serves them (`own_kind` says which a model asks for);
+every other model is served through openvino-model-api (`pipeline.model_api`)."""
 
 
 class PipelineRunner:
@@ -62,20 +64,24 @@ class PipelineRunner:
                 return pipeline
             if self.watched:
                 raise self._not_served(model_name)
-            pipeline = self.build(self.repository.get(model_name))
+            pipeline = self.build(self.repository.entry(model_name))
             self._pipelines[model_name] = pipeline
             return pipeline
 
-    def build(self, model: CompiledModel) -> Pipeline:
-        """The pipeline kind the model's model_type asks for, bound to that compiled model."""
-        model_type = model.info.model_type or "Classification"
-        factory = PIPELINE_KINDS.get(model_type)
-        if factory is None:
-            known = ", ".join(sorted(PIPELINE_KINDS))
-            raise ModelError(
-                f"model '{model.name}' has model_type '{model_type}', which no pipeline serves (known: {known})"
-            )
-        return factory(model, self.settings.max_pixels)
+    def build(self, entry: ModelEntry) -> Pipeline:
+        """A pipeline for one model version, compiled once: our own kinds (`own_kind`: the
+        counter, our classifier) on our compiled model; every other model through
+        openvino-model-api, or a `ModelError` that says what metadata is missing."""
+        entries = self.repository.model_info(entry)
+        factory = PIPELINE_KINDS.get(own_kind(entries))
+        if factory is not None:
+            return factory(self.repository.compile(entry), self.settings.max_pixels)
+        assert entry.model_file is not None  # model_info refuses a version without one
+        model = ModelApiModel(
+            entry.name, entry.model_file, entries, core=self.repository.core,
+            device=self.repository.device, performance_hint=self.repository.performance_hint,
+        )
+        return ModelApiPipeline(model, max_pixels=self.settings.max_pixels)
 
     def install(self, model_name: str, pipeline: Pipeline) -> None:
         """Serve `model_name` with `pipeline` from now on; jobs already running keep the old one."""

@@ -51,6 +51,7 @@ def service_models(tmp_path_factory: pytest.TempPathFactory, efficientnet_dir: P
     (models / "cell-counter").symlink_to(efficientnet_dir.parent / "cell-counter", target_is_directory=True)
     (models / "empty" / "1").mkdir(parents=True)
     write_model(models / "tiny" / "1", channel_mean_classifier(8), {"model_type": "Classification",
+                                                                     "aicsd_pipeline": "Classification",
                                                                      "labels": "red green blue"})
     write_model(models / "exotic" / "1", channel_mean_classifier(8), {"model_type": "Segmentation"})
     return models

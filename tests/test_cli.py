@@ -62,3 +62,11 @@ def test_counting_prints_the_count_and_writes_both_files(built_models, tmp_path)
     assert abs(json.loads(line["Results"])["CellCount"] - 30) <= 2
     assert sorted(Path(p).name for p in line["OutputFiles"]) == ["cells-counted.tiff"]  # only images are listed
     assert all(Path(p).is_file() for p in line["OutputFiles"]) and (tmp_path / "cells-counts.csv").is_file()
+
+
+def test_describe_prints_the_kind_and_declared_parameters(efficientnet_dir):
+    result = run("describe", "--model", "cell-counter")
+    assert result.returncode == 0, result.stderr
+    described = json.loads(result.stdout)
+    assert described["model_type"] == "BlobCounting"
+    assert [p["name"] for p in described["parameters"]] == ["Polarity", "MinDiameter", "MaxDiameter", "Threshold"]

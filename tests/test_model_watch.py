@@ -19,7 +19,9 @@ from .tiny_models import channel_mean_classifier, write_model
 
 
 def classifier(version_dir: Path, labels: str, model_type: str = "Classification") -> Path:
-    return write_model(version_dir, channel_mean_classifier(8), {"model_type": model_type, "labels": labels})
+    """Our own classifier kind (`aicsd_pipeline`), so these tests see the watcher, not the kinds."""
+    return write_model(version_dir, channel_mean_classifier(8),
+                       {"model_type": model_type, "labels": labels, "aicsd_pipeline": model_type})
 
 
 def watcher_for(*folders: Path) -> ModelWatcher:
@@ -83,7 +85,7 @@ def test_a_job_keeps_the_pipeline_it_got_when_a_new_version_is_swapped_in(tmp_pa
 def test_a_version_that_fails_to_load_leaves_the_previous_one_serving_with_one_log_line(tmp_path, caplog):
     classifier(tmp_path / "m" / "1", "a1 b1 c1")
     watcher = watcher_for(tmp_path)
-    classifier(tmp_path / "m" / "2", "x y z", model_type="Segmentation")
+    classifier(tmp_path / "m" / "2", "x y z", model_type="NoSuchKind")
     with caplog.at_level(logging.ERROR, logger="serving.model_watch"):
         for _ in range(4):
             watcher.poll()
