@@ -78,9 +78,30 @@ bridge: {concurrency: 0, max_age: soon}
             load_config(write(tmp_path, text), env={})
         keys = [p.split(":")[0] for p in info.value.problems]
         assert keys == [
-            "service.port", "gateway_ip", "mqtt.port", "mqtt.topic", "mqtt.qos", "mqtt.tls.ca_certs",
-            "bridge.concurrency", "bridge.max_age",
+            "service.POST_url", "service.port", "gateway_ip", "mqtt.topic", "mqtt.port", "mqtt.qos",
+            "mqtt.tls.ca_certs", "bridge.concurrency", "bridge.max_age",
         ]
+
+    def test_a_bad_environment_override_is_named_with_its_variable(self, tmp_path):
+        env = {"BRIDGE_MQTT_PORT": "0", "BRIDGE_LOG_LEVEL": "chatty", "BRIDGE_SERVICE_URL": "localhost:3000"}
+        with pytest.raises(ConfigError) as info:
+            load_config(write(tmp_path, GOOD_CONFIG), env=env)
+        problems = info.value.problems
+        assert problems[0].startswith("BRIDGE_SERVICE_URL: must be an http(s) URL")
+        assert any(p.startswith("mqtt.port (from BRIDGE_MQTT_PORT):") for p in problems)
+        assert any(p.startswith("bridge.log_level (from BRIDGE_LOG_LEVEL):") for p in problems)
+
+    def test_a_misspelt_bridge_key_is_reported_not_ignored(self, tmp_path):
+        with pytest.raises(ConfigError, match=r"bridge.concurency: unknown key"):
+            load_config(write(tmp_path, GOOD_CONFIG + "bridge: {concurency: 4}\n"), env={})
+
+    def test_log_level_and_status_topic_have_defaults_and_overrides(self, tmp_path):
+        config = load_config(write(tmp_path, GOOD_CONFIG), env={})
+        assert config.log_level == "INFO"
+        assert config.status_topic == "aicsd-pipeline/bridge/aicsd-pipeline-bridge/status"
+        text = GOOD_CONFIG + "bridge: {log_level: debug}\n"
+        assert load_config(write(tmp_path, text), env={}).log_level == "DEBUG"
+        assert load_config(write(tmp_path, text), env={"BRIDGE_LOG_LEVEL": "warning"}).log_level == "WARNING"
 
     def test_missing_file_and_bad_yaml_are_reported(self, tmp_path):
         with pytest.raises(ConfigError, match="does not exist"):
