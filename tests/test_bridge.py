@@ -104,7 +104,7 @@ def test_seed_message_published_with_mosquitto_pub_gets_its_gateway_ip_and_compl
     bridge.wait_for_log(f"job={job.job_id} task={job.task_id} forwarded")
 
 
-def test_same_job_published_twice_gives_one_pair_of_callbacks(
+def test_same_job_published_again_after_it_completed_is_taken_again_and_the_service_answers_from_its_record(
     bridges, broker, service, aicsd, file_root, image, tmp_path
 ):
     bridge = start_bridge(bridges, tmp_path / "bridge", service.url, broker)
@@ -112,7 +112,8 @@ def test_same_job_published_twice_gives_one_pair_of_callbacks(
     publish(broker.port, [json.dumps(payload)])
     aicsd.wait_for_status(job.job_id, timeout=30)
     publish(broker.port, [json.dumps(payload)])
-    bridge.wait_for_log("received again: already spooled, not queued twice")
+    bridge.wait_for_log("published again after the bridge had finished it: taken again")
+    bridge.wait_for_log(" forwarded (", count=2)
     time.sleep(0.5)
     assert [r.method for r in aicsd.requests_for(job.job_id)] == ["PUT", "POST"]
 
