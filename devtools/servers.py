@@ -131,7 +131,9 @@ class Broker:
     passwords: dict[str, str] | None = None
 
     @property
-    def keeps_state_across_restarts(self) -> bool:
+    def keeps_sessions(self) -> bool:
+        """Whether a persistent session gets QoS 1 messages sent while its client was away, unacknowledged
+        ones again on reconnect, and both across a broker restart: Mosquitto does, amqtt 0.12 does not."""
         return self.kind == "mosquitto"
 
     def start(self) -> Broker:
