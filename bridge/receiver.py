@@ -231,7 +231,9 @@ class Receiver:
                 log.info("subscribed to %s (granted QoS %s)", self.config.subscription, reason.value)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
-        self.connected = False
+        was_connected, self.connected = self.connected, False
+        if not was_connected:
+            return  # a refused attempt: its cause is logged and kept already
         if reason.is_failure:
             self.problem = f"connection lost: {reason}"
             log.warning("disconnected from the broker (%s); reconnecting", reason)
