@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from aicsd.callback_rules import parse_callback_hosts
@@ -206,7 +206,8 @@ class _MqttSection(_Section):
         if value is True:
             return {}
         if not isinstance(value, Mapping):
-            raise ValueError("must be a mapping with ca_certs, certfile, keyfile (or true)")
+            # pydantic turns only ValueError into a validation problem
+            raise ValueError("must be a mapping with ca_certs, certfile, keyfile (or true)")  # noqa: TRY004
         return value
 
     @field_validator("shared_group")
@@ -256,8 +257,8 @@ class _File(BaseModel):
 
     service: _ServiceSection | None = None
     gateway_ip: str = Field(min_length=1)
-    mqtt: _MqttSection = Field(default_factory=_MqttSection)
-    bridge: _BridgeSection = Field(default_factory=_BridgeSection)
+    mqtt: _MqttSection = Field(default_factory=lambda: _MqttSection.model_validate({}))
+    bridge: _BridgeSection = Field(default_factory=lambda: _BridgeSection.model_validate({}))
 
     @field_validator("gateway_ip")
     @classmethod

@@ -35,12 +35,13 @@ from aicsd.outcome import PipelineOutcome
 from aicsd.transport import HttpClient, HttpFailure, HttpResponse
 
 from .config import BridgeConfig
-from .spool import Spool, SpoolError, SpooledJob
+from .spool import Spool, SpooledJob, SpoolError
 from .text import one_line, shown_id
 
-__all__ = ["Forwarder", "ForwardStats", "usable_callbacks"]
+__all__ = ["ForwardStats", "Forwarder", "usable_callbacks"]
 
 log = logging.getLogger("bridge.forwarder")
+_Log = logging.LoggerAdapter  # type: ignore[type-arg]
 
 
 @dataclass
@@ -207,13 +208,13 @@ class Forwarder:
             decision = self._decide(job, job_log)
             if isinstance(decision, _Fail) and not job.service_answered:
                 decision = _Fail(self._report_failed(job, decision.reason, job_log))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever it is, it is counted against the job
             self.stats.unexpected += 1
             job_log.exception("unexpected error in the bridge")
             decision = self._unexpected(job, f"unexpected error in the bridge: {type(exc).__name__}: {exc}", job_log)
         self._record(job, decision, job_log)
 
-    def _decide(self, job: SpooledJob, job_log: logging.LoggerAdapter) -> _Decision:  # type: ignore[type-arg]
+    def _decide(self, job: SpooledJob, job_log: _Log) -> _Decision:
         if job.reject_reason:
             job_log.error("job failed: %s", job.reject_reason)
             return _Fail(job.reject_reason)
@@ -237,7 +238,7 @@ class Forwarder:
         job_log.error("job failed: %s", reason)
         return _Fail(reason)
 
-    def _retry(self, job: SpooledJob, error: str, answered: bool, job_log: logging.LoggerAdapter) -> _Decision:  # type: ignore[type-arg]
+    def _retry(self, job: SpooledJob, error: str, answered: bool, job_log: _Log) -> _Decision:
         if self._clock() - job.received_at > self.config.max_age:
             return self._give_up(job, f"{error}; gave up after {self.config.max_age:g} s (bridge.max_age)",
                                  answered, job_log)
@@ -245,14 +246,14 @@ class Forwarder:
         job_log.warning("attempt %d failed, retrying in %.1f s: %s", job.attempts, delay, error)
         return _RetryLater(delay, error, answered)
 
-    def _give_up(self, job: SpooledJob, reason: str, answered: bool, job_log: logging.LoggerAdapter) -> _Decision:  # type: ignore[type-arg]
+    def _give_up(self, job: SpooledJob, reason: str, answered: bool, job_log: _Log) -> _Decision:
         if answered:
             job_log.warning("giving up quietly: %s; the service had the job and reports its outcome itself", reason)
             return _Fail(f"{reason}; the service had the job: it reports the outcome, no callback from the bridge")
         job_log.error("job failed: %s", reason)
         return _Fail(reason)
 
-    def _unexpected(self, job: SpooledJob, error: str, job_log: logging.LoggerAdapter) -> _Decision:  # type: ignore[type-arg]
+    def _unexpected(self, job: SpooledJob, error: str, job_log: _Log) -> _Decision:
         """Count the error against the job; dead-letter it once it reached the limit."""
         try:
             count = self.spool.unexpected_error(job.key, self._backoff(job), error)
@@ -268,7 +269,7 @@ class Forwarder:
             reason = self._report_failed(job, reason, job_log)
         return _Fail(reason)
 
-    def _report_failed(self, job: SpooledJob, reason: str, job_log: logging.LoggerAdapter) -> str:  # type: ignore[type-arg]
+    def _report_failed(self, job: SpooledJob, reason: str, job_log: _Log) -> str:
         """Tell AiCSD PipelineFailed when the job's URLs are usable; the reason to keep. Never raises."""
         try:
             callbacks = usable_callbacks(job.payload, self.config.callback_hosts)
@@ -277,15 +278,15 @@ class Forwarder:
                 return reason
             report = self.aicsd.report(callbacks, PipelineOutcome.failed(reason))
             return reason if report.delivered else reason + " (AiCSD could not be told)"
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the failure path must not raise
             job_log.exception("telling AiCSD PipelineFailed went wrong")
             return f"{reason} (AiCSD could not be told: {type(exc).__name__}: {exc})"
 
-    def _record(self, job: SpooledJob, decision: _Decision, job_log: logging.LoggerAdapter) -> None:  # type: ignore[type-arg]
+    def _record(self, job: SpooledJob, decision: _Decision, job_log: _Log) -> None:
         """Write the decision to the spool, or keep it to be written when the spool works again."""
         try:
             self._apply(job, decision)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - kept and retried, whatever the cause
             job_log.error("cannot record the job's state in the spool, keeping it to retry: %s", exc)
             with self._wake:
                 self._unrecorded[job.key] = (job, decision)
@@ -299,7 +300,7 @@ class Forwarder:
         for key, (job, decision) in waiting:
             try:
                 self._apply(job, decision)
-            except Exception:
+            except Exception:  # noqa: BLE001 - still failing: tried again on the next turn
                 return False
             with self._wake:
                 self._unrecorded.pop(key, None)

@@ -243,7 +243,7 @@ class Receiver:
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         try:
             self.received += 1
-            self._store(message.payload, message.topic)
+            self._store(bytes(message.payload), message.topic)
         except SpoolError as exc:
             self._keep_unstored(message, exc)
             return

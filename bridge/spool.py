@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Arrival", "SpoolError", "SpooledJob", "Spool", "SpoolCounts"]
+__all__ = ["Arrival", "Spool", "SpoolCounts", "SpoolError", "SpooledJob"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -179,7 +179,8 @@ class Spool:
         now = self._clock()
         with self._transaction() as db:
             row = db.execute(
-                "SELECT state, received_at, finished_at, attempts, last_error FROM jobs WHERE job_id = ? AND task_id = ?",
+                "SELECT state, received_at, finished_at, attempts, last_error FROM jobs"
+                " WHERE job_id = ? AND task_id = ?",
                 (job_id, task_id),
             ).fetchone()
             if row is None:

@@ -136,6 +136,11 @@ class Broker:
         ones again on reconnect, and both across a broker restart: Mosquitto does, amqtt 0.12 does not."""
         return self.kind == "mosquitto"
 
+    @property
+    def shares_subscriptions(self) -> bool:
+        """Whether `$share/<group>/<topic>` splits messages between subscribers: Mosquitto does, amqtt 0.12 not."""
+        return self.kind == "mosquitto"
+
     def start(self) -> Broker:
         self.folder.mkdir(parents=True, exist_ok=True)
         if self.kind != "mosquitto" and (self.tls or self.passwords):

@@ -183,7 +183,8 @@ def test_bridge_says_online_retained_and_offline_when_stopped_with_sigterm(broke
 
 
 def test_killed_bridge_is_announced_offline_by_its_last_will(broker, bridges, tmp_path):
-    bridge = new_bridge(tmp_path / "bridge", broker.port, mqtt={"keepalive": 2, "status_topic": "pipelines/{client_id}"})
+    bridge = new_bridge(tmp_path / "bridge", broker.port,
+                        mqtt={"keepalive": 2, "status_topic": "pipelines/{client_id}"})
     bridges.append(bridge)
     topic = f"pipelines/{bridge.client_id}"
     bridge.start()

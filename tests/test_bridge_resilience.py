@@ -19,9 +19,23 @@ import pytest
 
 from devtools.servers import Bridge, Broker, publish
 
-from .test_bridge import assert_exactly_once, broker, image, job_payload  # noqa: F401 - fixtures
+from .test_bridge import assert_exactly_once, blue_image, job_payload
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    running = Broker(tmp_path / "broker").start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture(scope="module")
+def image(file_root: Path) -> Path:
+    return blue_image(file_root)
 
 
 @pytest.fixture
@@ -32,7 +46,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     disk = tmp_path / "disk"
     disk.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0755", "tmpfs", str(disk)],
-                             capture_output=True, text=True, timeout=30)
+                             capture_output=True, text=True, timeout=30, check=False)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
     try:
@@ -65,7 +79,7 @@ def new_bridge(folder: Path, service_url: str, broker: Broker, spool: Path, **ex
 
 
 def test_full_spool_disk_holds_messages_unacknowledged_and_the_bridge_recovers_when_space_returns(
-    broker, service, aicsd, file_root, image, small_disk, tmp_path  # noqa: F811
+    broker, service, aicsd, file_root, image, small_disk, tmp_path
 ):
     bridge = new_bridge(tmp_path / "bridge", service.url, broker, small_disk / "spool.sqlite3").start()
     try:
@@ -90,7 +104,7 @@ def test_full_spool_disk_holds_messages_unacknowledged_and_the_bridge_recovers_w
 
 @pytest.mark.parametrize("trouble", ["full", "read-only"])
 def test_spool_on_a_full_or_read_only_disk_stops_start_up_with_one_line_and_exit_code_2(
-    broker, small_disk, tmp_path, trouble  # noqa: F811
+    broker, small_disk, tmp_path, trouble
 ):
     if trouble == "full":
         fill(small_disk)

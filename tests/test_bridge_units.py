@@ -151,7 +151,7 @@ class TestSpool:
         assert reopened.requeue_inflight() == 1
         assert reopened.claim().payload == '{"x": 1}'
 
-    def test_a_job_published_again_after_it_was_done_or_failed_is_taken_again_with_a_fresh_start(self, tmp_path):
+    def test_a_job_published_again_after_it_was_done_or_failed_is_taken_again_afresh(self, tmp_path):
         now = [0.0]
         spool = Spool(tmp_path / "s.db", clock=lambda: now[0])
         spool.add("a", "t", '{"run": 1}')
