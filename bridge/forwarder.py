@@ -94,6 +94,7 @@ class Forwarder:
         self._wake = threading.Condition()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread | None] = [None] * config.concurrency
+        self._held: list[tuple[str, str] | None] = [None] * config.concurrency  # each worker's job
         self._inflight: set[tuple[str, str]] = set()
         # Decisions the spool could not record yet (a full disk), retried before any new job.
         self._unrecorded: dict[tuple[str, str], tuple[SpooledJob, _Decision]] = {}
@@ -104,7 +105,7 @@ class Forwarder:
             self._spawn(number)
 
     def _spawn(self, number: int) -> None:
-        thread = threading.Thread(target=self._work, name=f"forwarder-{number + 1}", daemon=True)
+        thread = threading.Thread(target=self._work, args=(number,), name=f"forwarder-{number + 1}", daemon=True)
         self._threads[number] = thread
         thread.start()
 
@@ -116,10 +117,24 @@ class Forwarder:
         for number, thread in enumerate(self._threads):
             if thread is not None and not thread.is_alive():
                 log.error("worker forwarder-%d had ended; restarting it", number + 1)
+                self._release_held(number)
                 self._spawn(number)
                 restarted += 1
         self.stats.restarts += restarted
         return restarted
+
+    def _release_held(self, number: int) -> None:
+        """Queue again the job a dead worker was holding, unless its outcome waits to be recorded."""
+        key, self._held[number] = self._held[number], None
+        with self._wake:
+            if key is None or key in self._unrecorded:
+                return
+            self._inflight.discard(key)
+        try:
+            self.spool.release(key)
+            log.warning("job=%s task=%s queued again after its worker ended", *map(shown_id, key))
+        except SpoolError as exc:
+            log.error("job=%s task=%s left in flight (queued again at the next start): %s", *map(shown_id, key), exc)
 
     @property
     def alive(self) -> int:
@@ -161,16 +176,16 @@ class Forwarder:
         with self._wake:
             return len(self._inflight)
 
-    def _work(self) -> None:
+    def _work(self, number: int) -> None:
         while not self._stopping.is_set():
             try:
-                self._turn()
+                self._turn(number)
             except Exception:
                 # Nothing may end a worker: log, pause, carry on.
                 log.exception("worker error; carrying on")
                 self._idle(1.0)
 
-    def _turn(self) -> None:
+    def _turn(self, number: int) -> None:
         if not self._record_unrecorded():
             self._idle(1.0)
             return
@@ -186,12 +201,12 @@ class Forwarder:
             return
         with self._wake:
             self._inflight.add(job.key)
-        try:
-            self._process(job)
-        finally:
-            with self._wake:
-                if job.key not in self._unrecorded:
-                    self._inflight.discard(job.key)
+        self._held[number] = job.key
+        self._process(job)
+        self._held[number] = None
+        with self._wake:
+            if job.key not in self._unrecorded:
+                self._inflight.discard(job.key)
 
     def _idle(self, seconds: float) -> None:
         with self._wake:
