@@ -80,7 +80,12 @@ def main(argv: list[str] | None = None) -> int:
 
     aicsd = AicsdClient()
     forwarder = Forwarder(config, spool, aicsd)
-    receiver = Receiver(config, spool, on_job=forwarder.notify)
+    try:
+        receiver = Receiver(config, spool, on_job=forwarder.notify)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError: unusable TLS files
+        print(f"error: mqtt.tls: the certificate or key files cannot be used: {exc}", file=sys.stderr)
+        spool.close()
+        return EXIT_START_UP
 
     stop = threading.Event()
 

@@ -264,3 +264,18 @@ class TestPayloads:
         job = {**JOB, "JobUpdateUrl": JOB["JobUpdateUrl"].replace("job-repository", "elsewhere")}
         receipt = inspect_payload(json.dumps(job).encode(), ALLOWED)
         assert receipt.key is None and "bridge.callback_hosts" in receipt.dead_reason
+
+
+def test_tls_files_that_are_not_certificates_stop_start_up_with_one_line_and_exit_code_2(tmp_path):
+    import subprocess
+    import sys
+
+    junk = tmp_path / "ca.pem"
+    junk.write_text("not a certificate\n")
+    config = write(tmp_path, GOOD_CONFIG.replace("port: 1883}", f"port: 1883, tls: {{ca_certs: {junk}}}}}")
+                   + f"bridge: {{spool: {tmp_path / 'spool.db'}}}\n")
+    result = subprocess.run([sys.executable, "paho_mqtt_client.py", str(config)], capture_output=True, text=True,
+                            cwd=REPO, timeout=60, check=False)
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "[INFO]" not in line]
+    assert len(errors) == 1 and errors[0].startswith("error: mqtt.tls:"), result.stderr
