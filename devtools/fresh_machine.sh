@@ -5,7 +5,7 @@
 #
 # In a private mount namespace (`unshare --mount`), every such program is hidden behind an empty,
 # non-executable file bound over it, so `shutil.which` no longer finds it; the suite then runs in
-# a fresh `git clone` of HEAD, reusing this checkout's venv and built models through symlinks.
+# a fresh `git clone` of HEAD, reusing this checkout's venv (a symlink) and built models (a copy).
 # The broker tests run on the embedded amqtt broker; only what truly needs Mosquitto or a
 # browser is skipped, each with its reason (`-rs` lists them). Nothing outside the namespace
 # changes, and the clone is removed at the end.
@@ -49,8 +49,9 @@ PY
 git clone -q --no-checkout "$repo" "$work/clone"
 git -C "$work/clone" checkout -q --detach "$(git -C "$repo" rev-parse HEAD)"
 ln -s "$(readlink -f "$repo/.venv")" "$work/clone/.venv"
+# The built models are copied, not linked: `bentoml build` does not follow a symlinked folder.
 for model in "$repo"/models/*/; do
-  [ -d "$model" ] && ln -s "$(readlink -f "$model")" "$work/clone/models/$(basename "$model")"
+  [ -d "$model" ] && cp -rL "$model" "$work/clone/models/$(basename "$model")"
 done
 
 cd "$work/clone"
