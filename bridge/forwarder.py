@@ -98,6 +98,7 @@ class Forwarder:
         self._inflight: set[tuple[str, str]] = set()
         # Decisions the spool could not record yet (a full disk), retried before any new job.
         self._unrecorded: dict[tuple[str, str], tuple[SpooledJob, _Decision]] = {}
+        self._recording = threading.Lock()  # one worker at a time writes the held decisions
         self.stats = ForwardStats()
 
     def start(self) -> None:
@@ -310,6 +311,17 @@ class Forwarder:
 
     def _record_unrecorded(self) -> bool:
         """Write the decisions the spool could not take before; True when none is left."""
+        with self._wake:
+            if not self._unrecorded:
+                return True
+        if not self._recording.acquire(blocking=False):
+            return False  # another worker is at it
+        try:
+            return self._write_unrecorded()
+        finally:
+            self._recording.release()
+
+    def _write_unrecorded(self) -> bool:
         with self._wake:
             waiting = list(self._unrecorded.items())
         for key, (job, decision) in waiting:

@@ -295,9 +295,7 @@ class Receiver:
 
     def _renew_connection(self) -> None:
         """Drop the connection so that paho reconnects and the broker sends unacknowledged messages again."""
-        try:
-            self.spool.counts()
-        except SpoolError:
+        if self.spool.failing is not None:
             return
         with self._lock:
             self._overflowed = False
