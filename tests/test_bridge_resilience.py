@@ -116,3 +116,31 @@ def test_spool_on_a_full_or_read_only_disk_stops_start_up_with_one_line_and_exit
     text = bridge.log_text()
     assert text.startswith("error: cannot ") and "spool" in text, text
     assert text.count("\n") == 1 and "Traceback" not in text, text
+
+
+def test_result_the_full_spool_cannot_record_is_held_and_recorded_when_space_returns(
+    broker, aicsd, file_root, image, small_disk, tmp_path
+):
+    from .test_bridge_republish import StandInService
+
+    with StandInService(200, {"Status": "PipelineComplete"}) as service:
+        service.gate.clear()  # the service holds the job while the disk fills up
+        bridge = Bridge(tmp_path / "bridge", service.url, broker.port, client_id=f"bridge-{uuid.uuid4().hex[:8]}",
+                        spool_path=small_disk / "spool.sqlite3").start()
+        try:
+            job, payload = job_payload(aicsd, image, file_root / "output")
+            publish(broker.port, [json.dumps(payload)])
+            bridge.wait_for_log("in_flight=1")
+            filler = fill(small_disk)
+            service.gate.set()
+            bridge.wait_for_log(f"job={job.job_id} task={job.task_id} cannot record the job's state in the spool")
+            bridge.wait_for_log("spool=failing (")
+            bridge.wait_for_log("in_flight=1 done=0")
+            bridge.wait_for_log("unrecorded=1 workers=2/2")
+            filler.unlink()
+            bridge.wait_for_log(f"job={job.job_id} task={job.task_id} state recorded in the spool at last")
+            bridge.wait_for_log("in_flight=0 done=1")
+            bridge.wait_for_log("spool=ok unacknowledged=0 unrecorded=0 workers=2/2")
+            assert len(service.requests) == 1
+        finally:
+            bridge.stop()
