@@ -16,7 +16,7 @@ RUN pip install --no-cache-dir -r requirements-bridge.txt \
     && chown bridge /var/lib/bridge
 
 # Whole packages: the bridge imports the AiCSD contract (aicsd/) and its own package, nothing else.
-COPY paho_mqtt_client.py helper.py ./
+COPY paho_mqtt_client.py ./
 COPY aicsd/ aicsd/
 COPY bridge/ bridge/
 COPY pythonClientConfig.yaml /config/pythonClientConfig.yaml

@@ -4,8 +4,9 @@
 
 Receives each AiCSD job from the broker, stores it durably (acknowledging it only then), and
 forwards it with `GatewayIP` added to the service's API with a fixed pool of workers. A job the
-service refuses, or one that cannot be processed in time, is reported to AiCSD as
-`PipelineFailed`. SIGTERM or SIGINT stops it cleanly.
+service refuses, or one it never received in time, is reported to AiCSD as `PipelineFailed`.
+SIGTERM or SIGINT stops it cleanly. A start-up problem (bad configuration, a spool that cannot
+be written) is one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -17,40 +18,74 @@ import sys
 import threading
 from pathlib import Path
 
-from bridge.config import ConfigError, load_config
+from aicsd.callbacks import AicsdClient
+from aicsd.logs import configure_logging
+from bridge.config import BridgeConfig, ConfigError, load_config
 from bridge.forwarder import Forwarder
 from bridge.receiver import Receiver
-from bridge.spool import Spool
-from helper import AicsdClient
-from aicsd.logs import configure_logging
+from bridge.spool import Spool, SpoolError
 
 log = logging.getLogger("bridge")
 
 SHUTDOWN_GRACE = 20.0
 FINISHED_JOB_MEMORY = 7 * 86400.0
+EXIT_START_UP = 2
+
+
+def open_spool(config: BridgeConfig) -> Spool:
+    """The spool, with jobs a stopped bridge left in flight queued again; raises `SpoolError`."""
+    spool = Spool(config.spool)
+    try:
+        resumed = spool.requeue_inflight()
+        pruned = spool.prune(FINISHED_JOB_MEMORY)
+        counts = spool.counts()
+    except SpoolError:
+        spool.close()
+        raise
+    log.info("spool %s: %s (%d resumed from a previous run, %d old finished jobs forgotten)",
+             config.spool, counts.line(), resumed, pruned)
+    return spool
+
+
+def status_line(spool: Spool, receiver: Receiver, forwarder: Forwarder, workers: int) -> str:
+    """The whole truth in one line: jobs, the broker, the spool, the workers."""
+    try:
+        counts = spool.counts().line()
+    except SpoolError as exc:
+        counts = f"counts unavailable ({exc})"
+    broker = "connected" if receiver.connected else f"down ({receiver.problem or 'connecting'})"
+    store = "ok" if spool.failing is None else f"failing ({spool.failing})"
+    return (
+        f"status: {counts} received={receiver.received} duplicates={receiver.duplicates} again={receiver.again}"
+        f" broker={broker} spool={store} unacknowledged={receiver.unstored} unrecorded={forwarder.unrecorded}"
+        f" workers={forwarder.alive}/{workers}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("config", type=Path, help="the bridge configuration (pythonClientConfig.yaml)")
     args = parser.parse_args(argv)
-    configure_logging("bridge", "aicsd", "helper")
     try:
         config = load_config(args.config)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_START_UP
+    configure_logging("bridge", "aicsd", "helper", level=config.log_level)
+    try:
+        spool = open_spool(config)
+    except SpoolError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_START_UP
 
-    spool = Spool(config.spool)
-    resumed = spool.requeue_inflight()
-    pruned = spool.prune(FINISHED_JOB_MEMORY)
-    log.info(
-        "spool %s: %s (%d resumed from a previous run, %d old finished jobs forgotten)",
-        config.spool, spool.counts().line(), resumed, pruned,
-    )
     aicsd = AicsdClient()
     forwarder = Forwarder(config, spool, aicsd)
-    receiver = Receiver(config, spool, on_job=forwarder.notify)
+    try:
+        receiver = Receiver(config, spool, on_job=forwarder.notify)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError: unusable TLS files
+        print(f"error: mqtt.tls: the certificate or key files cannot be used: {exc}", file=sys.stderr)
+        spool.close()
+        return EXIT_START_UP
 
     stop = threading.Event()
 
@@ -65,19 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     forwarder.start()
     receiver.start()
 
-    def status() -> None:
-        counts = spool.counts()
-        log.info(
-            "status: %s received=%d duplicates=%d broker=%s",
-            counts.line(), receiver.received, receiver.duplicates, "connected" if receiver.connected else "down",
-        )
-
     while not stop.wait(config.status_interval):
-        status()
+        forwarder.supervise()
+        log.info("%s", status_line(spool, receiver, forwarder, config.concurrency))
     receiver.stop()
     forwarder.stop(SHUTDOWN_GRACE)
     aicsd.close()
-    status()
+    log.info("%s", status_line(spool, receiver, forwarder, config.concurrency))
     spool.close()
     log.info("stopped")
     return 0

@@ -1,10 +1,18 @@
-"""Forwarding: a fixed pool of workers takes jobs from the spool and POSTs them to the service.
+"""Forwarding: a fixed pool of supervised workers takes jobs from the spool and POSTs them to the service.
 
 Connection errors, timeouts and 5xx answers (the service restarting, or AiCSD unreachable
-behind it) are retried with exponential backoff for as long as the job is younger than its
-maximum age. A 4xx answer is final: the request can never succeed, so the bridge tells AiCSD
-`PipelineFailed` itself (when the job's callback URLs are usable) and keeps the job in the
-dead-letter table. A job that outlives its maximum age is failed the same way.
+behind it) are retried with exponential backoff for as long as the job is younger than
+`bridge.max_age`. Who tells AiCSD when the bridge gives up depends on whether the service has the
+job: a job the service refused (4xx) or never answered for is reported `PipelineFailed` by the
+bridge (when the job's callback URLs are usable); a job the service answered for, even with a
+5xx, is the service's to report with its real outcome, so the bridge drops it quietly. Either
+way the job is kept in the dead-letter table with the reason.
+
+Workers never die of an error: each turn of a worker's loop is guarded, an error the bridge did
+not foresee is counted against its job in the spool (the job is dead-lettered after
+`bridge.max_unexpected_errors`), and `supervise()` restarts a thread that ended anyway. A spool
+write that fails (a full disk) is kept and retried before the worker takes another job, so no
+job is left marked in flight.
 """
 
 from __future__ import annotations
@@ -19,19 +27,21 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from helper import AicsdClient
-from aicsd.logs import JobLog
+from aicsd.callbacks import AicsdClient
 from aicsd.errors import JobRejected
-from aicsd.transport import HttpClient, HttpFailure, HttpResponse
-from aicsd.job import Job, JobRequest
+from aicsd.job import CallbackUrls, Job, JobRequest
+from aicsd.logs import JobLog
 from aicsd.outcome import PipelineOutcome
+from aicsd.transport import HttpClient, HttpFailure, HttpResponse
 
 from .config import BridgeConfig
-from .spool import Spool, SpooledJob
+from .spool import Spool, SpooledJob, SpoolError
+from .text import one_line, shown_id
 
-__all__ = ["Forwarder", "ForwardStats"]
+__all__ = ["ForwardStats", "Forwarder", "usable_callbacks"]
 
 log = logging.getLogger("bridge.forwarder")
+_Log = logging.LoggerAdapter  # type: ignore[type-arg]
 
 
 @dataclass
@@ -39,6 +49,30 @@ class ForwardStats:
     forwarded: int = 0
     retried: int = 0
     failed: int = 0
+    dropped: int = 0  # given up on quietly: the service had the job and reports it itself
+    unexpected: int = 0
+    restarts: int = 0
+
+
+# What to record in the spool for a job once its turn is over.
+@dataclass(frozen=True)
+class _Complete:
+    pass
+
+
+@dataclass(frozen=True)
+class _RetryLater:
+    delay: float
+    error: str
+    service_answered: bool
+
+
+@dataclass(frozen=True)
+class _Fail:
+    reason: str
+
+
+_Decision = _Complete | _RetryLater | _Fail
 
 
 class Forwarder:
@@ -59,15 +93,58 @@ class Forwarder:
         self._http = HttpClient(config.request_timeout, connect_timeout=10, max_idle=config.concurrency)
         self._wake = threading.Condition()
         self._stopping = threading.Event()
-        self._threads: list[threading.Thread] = []
+        self._threads: list[threading.Thread | None] = [None] * config.concurrency
+        self._held: list[tuple[str, str] | None] = [None] * config.concurrency  # each worker's job
         self._inflight: set[tuple[str, str]] = set()
+        # Decisions the spool could not record yet (a full disk), retried before any new job.
+        self._unrecorded: dict[tuple[str, str], tuple[SpooledJob, _Decision]] = {}
+        self._recording = threading.Lock()  # one worker at a time writes the held decisions
         self.stats = ForwardStats()
 
     def start(self) -> None:
         for number in range(self.config.concurrency):
-            thread = threading.Thread(target=self._work, name=f"forwarder-{number + 1}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
+            self._spawn(number)
+
+    def _spawn(self, number: int) -> None:
+        thread = threading.Thread(target=self._work, args=(number,), name=f"forwarder-{number + 1}", daemon=True)
+        self._threads[number] = thread
+        thread.start()
+
+    def supervise(self) -> int:
+        """Restart any worker thread that ended; the number restarted."""
+        if self._stopping.is_set():
+            return 0
+        restarted = 0
+        for number, thread in enumerate(self._threads):
+            if thread is not None and not thread.is_alive():
+                log.error("worker forwarder-%d had ended; restarting it", number + 1)
+                self._release_held(number)
+                self._spawn(number)
+                restarted += 1
+        self.stats.restarts += restarted
+        return restarted
+
+    def _release_held(self, number: int) -> None:
+        """Queue again the job a dead worker was holding, unless its outcome waits to be recorded."""
+        key, self._held[number] = self._held[number], None
+        with self._wake:
+            if key is None or key in self._unrecorded:
+                return
+            self._inflight.discard(key)
+        try:
+            self.spool.release(key)
+            log.warning("job=%s task=%s queued again after its worker ended", *map(shown_id, key))
+        except SpoolError as exc:
+            log.error("job=%s task=%s left in flight (queued again at the next start): %s", *map(shown_id, key), exc)
+
+    @property
+    def alive(self) -> int:
+        return sum(1 for t in self._threads if t is not None and t.is_alive())
+
+    @property
+    def unrecorded(self) -> int:
+        with self._wake:
+            return len(self._unrecorded)
 
     def notify(self) -> None:
         """A job was added to the spool: wake an idle worker."""
@@ -81,12 +158,18 @@ class Forwarder:
             self._wake.notify_all()
         deadline = time.monotonic() + grace
         for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread is not None:
+                thread.join(max(0.0, deadline - time.monotonic()))
+        self._record_unrecorded()
         with self._wake:
-            left = list(self._inflight)
+            left = [key for key in self._inflight if key not in self._unrecorded]
         for key in left:
-            self.spool.release(key)
-            log.info("job=%s task=%s returned to the spool at shutdown", *key)
+            try:
+                self.spool.release(key)
+                log.info("job=%s task=%s returned to the spool at shutdown", *map(shown_id, key))
+            except SpoolError as exc:
+                log.error("job=%s task=%s left in flight (queued again at the next start): %s",
+                          *map(shown_id, key), exc)
         self._http.close()
 
     @property
@@ -94,28 +177,37 @@ class Forwarder:
         with self._wake:
             return len(self._inflight)
 
-    def _work(self) -> None:
+    def _work(self, number: int) -> None:
         while not self._stopping.is_set():
             try:
-                job = self.spool.claim()
+                self._turn(number)
             except Exception:
-                log.exception("cannot read the spool; trying again")
+                # Nothing may end a worker: log, pause, carry on.
+                log.exception("worker error; carrying on")
                 self._idle(1.0)
-                continue
-            if job is None:
-                due = self.spool.next_due()
-                self._idle(1.0 if due is None else min(1.0, max(0.0, due - self._clock())))
-                continue
-            with self._wake:
-                self._inflight.add(job.key)
-            try:
-                self._handle(job)
-            except Exception:
-                log.exception("job=%s task=%s unexpected error; retrying later", job.job_id, job.task_id)
-                self.spool.retry_later(job.key, self._backoff(job), "unexpected error in the bridge")
-            finally:
-                with self._wake:
-                    self._inflight.discard(job.key)
+
+    def _turn(self, number: int) -> None:
+        if not self._record_unrecorded():
+            self._idle(1.0)
+            return
+        try:
+            job = self.spool.claim()
+            due = None if job is not None else self.spool.next_due()
+        except SpoolError as exc:
+            log.error("cannot read the spool; trying again in 1 s: %s", exc)
+            self._idle(1.0)
+            return
+        if job is None:
+            self._idle(1.0 if due is None else min(1.0, max(0.0, due - self._clock())))
+            return
+        with self._wake:
+            self._inflight.add(job.key)
+        self._held[number] = job.key
+        self._process(job)
+        self._held[number] = None
+        with self._wake:
+            if job.key not in self._unrecorded:
+                self._inflight.discard(job.key)
 
     def _idle(self, seconds: float) -> None:
         with self._wake:
@@ -125,58 +217,145 @@ class Forwarder:
     def _backoff(self, job: SpooledJob) -> float:
         return min(self.config.retry_max, self.config.retry_initial * 2 ** max(0, job.attempts - 1))
 
-    def _handle(self, job: SpooledJob) -> None:
-        job_log = JobLog(log, job.job_id, job.task_id)
+    def _process(self, job: SpooledJob) -> None:
+        """One turn of one job: decide, tell AiCSD where the bridge must, record. Never raises."""
+        job_log = JobLog(log, shown_id(job.job_id), shown_id(job.task_id))
+        try:
+            decision = self._decide(job, job_log)
+            if isinstance(decision, _Fail) and not job.service_answered:
+                decision = _Fail(self._report_failed(job, decision.reason, job_log))
+        except Exception as exc:  # noqa: BLE001 - whatever it is, it is counted against the job
+            self.stats.unexpected += 1
+            job_log.exception("unexpected error in the bridge")
+            decision = self._unexpected(job, f"unexpected error in the bridge: {type(exc).__name__}: {exc}", job_log)
+        self._record(job, decision, job_log)
+
+    def _decide(self, job: SpooledJob, job_log: _Log) -> _Decision:
         if job.reject_reason:
-            self._fail(job, job.reject_reason, job_log)
-            return
-        age = self._clock() - job.received_at
-        if age > self.config.max_age:
+            job_log.error("job failed: %s", job.reject_reason)
+            return _Fail(job.reject_reason)
+        if self._clock() - job.received_at > self.config.max_age:
             last = f"; last error: {job.last_error}" if job.last_error else ""
-            self._fail(job, f"not processed within {self.config.max_age:g} s (bridge.max_age){last}", job_log)
-            return
+            return self._give_up(job, f"not processed within {self.config.max_age:g} s (bridge.max_age){last}",
+                                 job.service_answered, job_log)
         try:
             # The spooled payload is the service's request body already (see receiver.inspect_payload).
             response = self._http.request("POST", self.config.service_url, job.payload.encode("utf-8"),
                                           {"Content-Type": "application/json"})
         except HttpFailure as exc:
-            self._retry(job, f"service unreachable: {exc}", job_log)
-            return
+            return self._retry(job, f"service unreachable: {exc}", job.service_answered, job_log)
         if response.status_code == 200:
-            status = _field(response, "Status")
-            job_log.info("forwarded (attempt %d): %s", job.attempts, status or "done")
-            self.spool.complete(job.key)
-            self.stats.forwarded += 1
-        elif response.status_code >= 500:
-            self._retry(job, f"service answered {response.status_code}: {response.text[:300]}", job_log)
-        else:
-            reason = f"service refused the job ({response.status_code}): {_error_text(response)}"
-            self._fail(job, reason, job_log)
+            job_log.info("forwarded (attempt %d): %s", job.attempts, _field(response, "Status") or "done")
+            return _Complete()
+        if response.status_code >= 500:
+            return self._retry(job, f"service answered {response.status_code}: {one_line(response.text, 300)}",
+                               True, job_log)
+        reason = f"service refused the job ({response.status_code}): {_error_text(response)}"
+        job_log.error("job failed: %s", reason)
+        return _Fail(reason)
 
-    def _retry(self, job: SpooledJob, error: str, job_log: logging.LoggerAdapter) -> None:  # type: ignore[type-arg]
+    def _retry(self, job: SpooledJob, error: str, answered: bool, job_log: _Log) -> _Decision:
         if self._clock() - job.received_at > self.config.max_age:
-            self._fail(job, f"{error}; gave up after {self.config.max_age:g} s (bridge.max_age)", job_log)
-            return
+            return self._give_up(job, f"{error}; gave up after {self.config.max_age:g} s (bridge.max_age)",
+                                 answered, job_log)
         delay = self._backoff(job)
         job_log.warning("attempt %d failed, retrying in %.1f s: %s", job.attempts, delay, error)
-        self.spool.retry_later(job.key, delay, error)
-        self.stats.retried += 1
+        return _RetryLater(delay, error, answered)
 
-    def _fail(self, job: SpooledJob, reason: str, job_log: logging.LoggerAdapter) -> None:  # type: ignore[type-arg]
-        """Tell AiCSD PipelineFailed when its URLs are usable, then dead-letter the job."""
+    def _give_up(self, job: SpooledJob, reason: str, answered: bool, job_log: _Log) -> _Decision:
+        if answered:
+            job_log.warning("giving up quietly: %s; the service had the job and reports its outcome itself", reason)
+            return _Fail(f"{reason}; the service had the job: it reports the outcome, no callback from the bridge")
         job_log.error("job failed: %s", reason)
-        callbacks = usable_callbacks(job.payload, self.config.callback_hosts)
-        if callbacks is None:
-            job_log.error("callback URLs not usable: AiCSD cannot be told; kept in the dead-letter table")
-        else:
+        return _Fail(reason)
+
+    def _unexpected(self, job: SpooledJob, error: str, job_log: _Log) -> _Decision:
+        """Count the error against the job; dead-letter it once it reached the limit."""
+        try:
+            count = self.spool.unexpected_error(job.key, self._backoff(job), error)
+        except SpoolError as exc:
+            job_log.error("could not count the error in the spool: %s", exc)
+            return _RetryLater(self._backoff(job), error, job.service_answered)
+        limit = self.config.max_unexpected_errors
+        if count < limit:
+            job_log.warning("unexpected error %d of %d; the job is tried again later", count, limit)
+            return _RetryLater(self._backoff(job), error, job.service_answered)
+        reason = f"{error} ({count} times, bridge.max_unexpected_errors)"
+        if not job.service_answered:
+            reason = self._report_failed(job, reason, job_log)
+        return _Fail(reason)
+
+    def _report_failed(self, job: SpooledJob, reason: str, job_log: _Log) -> str:
+        """Tell AiCSD PipelineFailed when the job's URLs are usable; the reason to keep. Never raises."""
+        try:
+            callbacks = usable_callbacks(job.payload, self.config.callback_hosts)
+            if callbacks is None:
+                job_log.error("callback URLs not usable: AiCSD cannot be told; kept in the dead-letter table")
+                return reason
             report = self.aicsd.report(callbacks, PipelineOutcome.failed(reason))
-            if not report.delivered:
-                reason += " (AiCSD could not be told)"
-        self.spool.fail(job, reason)
-        self.stats.failed += 1
+            return reason if report.delivered else reason + " (AiCSD could not be told)"
+        except Exception as exc:  # noqa: BLE001 - the failure path must not raise
+            job_log.exception("telling AiCSD PipelineFailed went wrong")
+            return f"{reason} (AiCSD could not be told: {type(exc).__name__}: {exc})"
+
+    def _record(self, job: SpooledJob, decision: _Decision, job_log: _Log) -> None:
+        """Write the decision to the spool, or keep it to be written when the spool works again."""
+        try:
+            self._apply(job, decision)
+        except Exception as exc:  # noqa: BLE001 - kept and retried, whatever the cause
+            job_log.error("cannot record the job's state in the spool, keeping it to retry: %s", exc)
+            with self._wake:
+                self._unrecorded[job.key] = (job, decision)
+            return
+        self._count(decision)
+
+    def _record_unrecorded(self) -> bool:
+        """Write the decisions the spool could not take before; True when none is left."""
+        with self._wake:
+            if not self._unrecorded:
+                return True
+        if not self._recording.acquire(blocking=False):
+            return False  # another worker is at it
+        try:
+            return self._write_unrecorded()
+        finally:
+            self._recording.release()
+
+    def _write_unrecorded(self) -> bool:
+        with self._wake:
+            waiting = list(self._unrecorded.items())
+        for key, (job, decision) in waiting:
+            try:
+                self._apply(job, decision)
+            except Exception:  # noqa: BLE001 - still failing: tried again on the next turn
+                return False
+            with self._wake:
+                self._unrecorded.pop(key, None)
+                self._inflight.discard(key)
+            JobLog(log, shown_id(job.job_id), shown_id(job.task_id)).info("state recorded in the spool at last")
+            self._count(decision)
+        return True
+
+    def _apply(self, job: SpooledJob, decision: _Decision) -> None:
+        if isinstance(decision, _Complete):
+            self.spool.complete(job.key)
+        elif isinstance(decision, _RetryLater):
+            self.spool.retry_later(job.key, decision.delay, decision.error, service_answered=decision.service_answered)
+        else:
+            self.spool.fail(job, decision.reason)
+
+    def _count(self, decision: _Decision) -> None:
+        if isinstance(decision, _Complete):
+            self.stats.forwarded += 1
+        elif isinstance(decision, _RetryLater):
+            self.stats.retried += 1
+        elif "no callback from the bridge" in decision.reason:
+            self.stats.dropped += 1
+        else:
+            self.stats.failed += 1
 
 
-def usable_callbacks(payload: str | Mapping[str, Any], allowed_hosts: frozenset[str]):  # type: ignore[no-untyped-def]
+def usable_callbacks(payload: str | Mapping[str, Any], allowed_hosts: frozenset[str]) -> CallbackUrls | None:
     """The job's callback URLs (from its JSON text or its parsed object) when they are well formed
     and allowed, else None."""
     try:
@@ -201,4 +380,4 @@ def _field(response: HttpResponse, name: str) -> str | None:
 
 def _error_text(response: HttpResponse) -> str:
     text = response.text.strip()
-    return text[:500] if text else response.reason_phrase
+    return one_line(text, 500) if text else one_line(response.reason_phrase)

@@ -4,6 +4,15 @@ The session is persistent (fixed client id, clean_session off), subscribes at Qo
 `on_connect` so a reconnect renews the subscription, and acknowledges a message only after it is
 committed to the spool (manual acknowledgement). `on_message` stays thin and never raises: an
 exception there would stop paho's network loop.
+
+A message the spool cannot take (a full disk) is not acknowledged: it is kept in memory and
+stored again every second, and acknowledged once stored, so jobs flow again by themselves when
+space returns. Should more wait than `MAX_UNSTORED`, the rest are left to the broker and the
+connection is renewed once the spool works, which makes the broker send them again.
+
+The bridge announces itself on `mqtt.status_topic`: a retained `online` on connect, `offline` on
+a clean stop, and `offline` as its last will for the broker to publish when it vanishes. Every
+failed connection attempt is logged with its cause (DNS, refused, TLS, authentication).
 """
 
 from __future__ import annotations
@@ -12,6 +21,8 @@ import json
 import logging
 import socket
 import ssl
+import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,9 +34,14 @@ from aicsd.job import JobRequest
 
 from .config import BridgeConfig
 from .forwarder import usable_callbacks
-from .spool import Spool
+from .spool import Arrival, Spool, SpoolError
+from .text import shown, shown_id
 
-__all__ = ["Receipt", "Receiver", "inspect_payload"]
+__all__ = ["Receipt", "Receiver", "connection_failure", "inspect_payload"]
+
+MAX_UNSTORED = 1000
+ONLINE = b"online"
+OFFLINE = b"offline"
 
 log = logging.getLogger("bridge.receiver")
 
@@ -75,6 +91,43 @@ def inspect_payload(raw: bytes, allowed_hosts: frozenset[str], gateway_ip: str =
     return Receipt((callbacks.job_id, callbacks.task_id), body)
 
 
+@dataclass(frozen=True)
+class _Unstored:
+    """A message received but not yet stored, hence not acknowledged."""
+
+    mid: int
+    qos: int
+    topic: str
+    payload: bytes
+    session: int
+
+
+def connection_failure(exc: BaseException | None, host: str, port: int) -> str:
+    """One line naming why a connection to the broker failed: DNS, refused, TLS, timeout, other."""
+    where = f"{host}:{port}"
+    if exc is None:
+        return f"cannot connect to {where} (cause unknown)"
+    if isinstance(exc, socket.gaierror):
+        return f"DNS: the broker name {host!r} does not resolve ({exc.strerror or exc})"
+    if isinstance(exc, ConnectionRefusedError):
+        return f"refused: nothing accepts connections on {where}"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS: the broker's certificate is not accepted for {host!r}: {exc.verify_message or exc}"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS: handshake with {where} failed: {exc.reason or exc}"
+    if isinstance(exc, TimeoutError):
+        return f"timeout: no answer from {where}"
+    return f"cannot connect to {where}: {type(exc).__name__}: {exc}"
+
+
+def refusal(reason: Any) -> str:
+    """One line for a CONNACK that refused the connection, naming authentication failures."""
+    text = str(reason)
+    if "password" in text.lower() or "authori" in text.lower():
+        return f"auth: the broker refused the credentials ({text}); check mqtt.username and mqtt.password"
+    return f"the broker refused the connection: {text}"
+
+
 class Receiver:
     """Owns the paho client; stores each message in the spool, then acknowledges it."""
 
@@ -84,7 +137,15 @@ class Receiver:
         self.on_job = on_job
         self.received = 0
         self.duplicates = 0
+        self.again = 0
         self.connected = False
+        self.problem: str | None = None  # why the broker is down, for the status line
+        self._session = 0
+        self._lock = threading.Lock()
+        self._unstored: list[_Unstored] = []
+        self._overflowed = False
+        self._stopping = threading.Event()
+        self._retrier: threading.Thread | None = None
         client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=config.client_id,
@@ -101,8 +162,10 @@ class Receiver:
                 keyfile=str(config.tls.keyfile) if config.tls.keyfile else None,
                 tls_version=ssl.PROTOCOL_TLS_CLIENT,
             )
+        client.will_set(config.status_topic, OFFLINE, qos=1, retain=True)
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
@@ -111,28 +174,54 @@ class Receiver:
     def start(self) -> None:
         """Connect in the background; paho keeps reconnecting with backoff until `stop`."""
         log.info(
-            "connecting to %s:%d as %s, subscribing to %s at QoS %d",
+            "connecting to %s:%d as %s, subscribing to %s at QoS %d, announcing on %s",
             self.config.mqtt_hostname, self.config.mqtt_port, self.config.client_id,
-            self.config.subscription, self.config.qos,
+            self.config.subscription, self.config.qos, self.config.status_topic,
         )
+        self._retrier = threading.Thread(target=self._store_unstored, name="spool-retry", daemon=True)
+        self._retrier.start()
         self.client.connect_async(self.config.mqtt_hostname, self.config.mqtt_port, self.config.keepalive)
         self.client.loop_start()
 
     def stop(self) -> None:
+        """Say `offline` (retained) while still connected, then disconnect cleanly."""
+        self._stopping.set()
+        if self.connected:
+            try:
+                self.client.publish(self.config.status_topic, OFFLINE, qos=1, retain=True).wait_for_publish(5)
+            except (RuntimeError, ValueError, OSError) as exc:
+                log.warning("could not announce offline: %s", exc)
         self.client.disconnect()
         self.client.loop_stop()
+        if self._retrier is not None:
+            self._retrier.join(5)
+
+    @property
+    def unstored(self) -> int:
+        with self._lock:
+            return len(self._unstored)
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if reason.is_failure:
-            log.error("broker refused the connection: %s", reason)
+            self.problem = refusal(reason)
+            log.error("%s", self.problem)
             return
         sock = client.socket()
         if isinstance(sock, socket.socket):
             # paho leaves Nagle on: acknowledgements would wait ~40 ms for more data.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with self._lock:
+            self._session += 1
         self.connected = True
+        self.problem = None
         log.info("connected to the broker (session present: %s)", flags.session_present)
         client.subscribe(self.config.subscription, qos=self.config.qos)
+        client.publish(self.config.status_topic, ONLINE, qos=1, retain=True)
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        # paho calls this from inside its `except OSError` around the connection attempt.
+        self.problem = connection_failure(sys.exc_info()[1], self.config.mqtt_hostname, self.config.mqtt_port)
+        log.error("broker connection failed: %s; retrying", self.problem)
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, properties: Any) -> None:
         for reason in reasons:
@@ -142,32 +231,100 @@ class Receiver:
                 log.info("subscribed to %s (granted QoS %s)", self.config.subscription, reason.value)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
-        self.connected = False
+        was_connected, self.connected = self.connected, False
+        if not was_connected:
+            return  # a refused attempt: its cause is logged and kept already
         if reason.is_failure:
+            self.problem = f"connection lost: {reason}"
             log.warning("disconnected from the broker (%s); reconnecting", reason)
         else:
             log.info("disconnected from the broker")
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         try:
-            self._store(message)
+            self.received += 1
+            self._store(bytes(message.payload), message.topic)
+        except SpoolError as exc:
+            self._keep_unstored(message, exc)
+            return
         except Exception:
             # Not acknowledged: the broker delivers it again after a reconnect.
-            log.exception("could not store message %s on %s; not acknowledged", message.mid, message.topic)
+            log.exception("could not handle message %s on %s; not acknowledged", message.mid, shown(message.topic))
             return
         client.ack(message.mid, message.qos)
 
-    def _store(self, message: mqtt.MQTTMessage) -> None:
-        self.received += 1
-        receipt = inspect_payload(message.payload, self.config.callback_hosts, self.config.gateway_ip)
+    def _keep_unstored(self, message: mqtt.MQTTMessage, exc: SpoolError) -> None:
+        with self._lock:
+            if len(self._unstored) < MAX_UNSTORED:
+                self._unstored.append(
+                    _Unstored(message.mid, message.qos, message.topic, bytes(message.payload), self._session)
+                )
+                kept = True
+            else:
+                self._overflowed = True
+                kept = False
+        log.error(
+            "cannot store message %s on %s, not acknowledged; %s: %s", message.mid, shown(message.topic),
+            "storing it again every second" if kept else "left to the broker until the spool works", exc,
+        )
+
+    def _store_unstored(self) -> None:
+        """Store kept messages once the spool takes them again, acknowledging each one stored."""
+        while not self._stopping.wait(1.0):
+            with self._lock:
+                waiting = list(self._unstored)
+            try:
+                for item in waiting:
+                    try:
+                        self._store(item.payload, item.topic)
+                    except SpoolError:
+                        break
+                    with self._lock:
+                        self._unstored.remove(item)
+                        current = item.session == self._session and self.connected
+                    if current:
+                        self.client.ack(item.mid, item.qos)
+                    log.info("message %s stored at last%s", item.mid, "" if current else
+                             " (its connection is gone: the broker sends it again, and it is collapsed then)")
+                with self._lock:
+                    renew = self._overflowed and not self._unstored
+                if renew:
+                    self._renew_connection()
+            except Exception:
+                log.exception("storing kept messages went wrong; trying again")
+
+    def _renew_connection(self) -> None:
+        """Drop the connection so that paho reconnects and the broker sends unacknowledged messages again."""
+        if self.spool.failing is not None:
+            return
+        with self._lock:
+            self._overflowed = False
+        log.warning("the spool works again: reconnecting so that the broker sends the messages left with it")
+        sock = self.client.socket()
+        if isinstance(sock, socket.socket):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _store(self, payload: bytes, topic: str) -> None:
+        receipt = inspect_payload(payload, self.config.callback_hosts, self.config.gateway_ip)
         if receipt.dead_reason is not None:
-            log.error("dead-lettered message on %s: %s", message.topic, receipt.dead_reason)
-            self.spool.dead_letter(receipt.dead_reason, message.payload, topic=message.topic, key=receipt.key)
+            self.spool.dead_letter(receipt.dead_reason, payload, topic=topic, key=receipt.key)
+            log.error("dead-lettered message on %s: %s (payload %s)", shown(topic), receipt.dead_reason,
+                      shown(payload, 120))
             return
         assert receipt.key is not None and receipt.text is not None
-        if self.spool.add(*receipt.key, receipt.text, reject_reason=receipt.reject_reason):
-            log.info("job=%s task=%s received%s", *receipt.key, " (invalid, will be failed)" if receipt.reject_reason else "")
+        arrival = self.spool.add(*receipt.key, receipt.text, reject_reason=receipt.reject_reason)
+        ids = tuple(map(shown_id, receipt.key))
+        invalid = " (invalid, will be failed)" if receipt.reject_reason else ""
+        if arrival is Arrival.NEW:
+            log.info("job=%s task=%s received%s", *ids, invalid)
+            self.on_job()
+        elif arrival is Arrival.AGAIN:
+            self.again += 1
+            log.info("job=%s task=%s published again after the bridge had finished it: taken again%s", *ids, invalid)
             self.on_job()
         else:
             self.duplicates += 1
-            log.info("job=%s task=%s received again: already spooled, not queued twice", *receipt.key)
+            log.info("job=%s task=%s received again while still queued or in flight: collapsed", *ids)

@@ -1,14 +1,18 @@
 """The bridge's durable store of jobs (SQLite, WAL, one transaction per message).
 
-A job's key is (job id, task id) from its callback URLs, so a redelivered or republished job is
-stored once. A job moves queued -> inflight -> done, or to failed with its reason in the
-dead-letter table. Jobs left inflight by a bridge that stopped are queued again at start-up.
-Payloads that are not jobs at all are kept in the dead-letter table too, so nothing that reached
-the bridge is lost without a trace.
+A job's key is (job id, task id) from its callback URLs. A job moves queued -> inflight -> done,
+or to failed with its reason in the dead-letter table. A redelivery of a job still queued or in
+flight is collapsed into the one stored; a job published again after it was done or failed
+(AiCSD re-publishes only what it has not heard about, contract §6) is queued again with a fresh
+start, the earlier run kept in `job_history`. Jobs left inflight by a bridge that stopped are
+queued again at start-up. Payloads that are not jobs at all are kept in the dead-letter table too,
+so nothing that reached the bridge is lost without a trace. Every failure to read or write the
+store is a `SpoolError` (a full or read-only disk among them).
 """
 
 from __future__ import annotations
 
+import enum
 import sqlite3
 import threading
 import time
@@ -17,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["SpooledJob", "Spool", "SpoolCounts"]
+__all__ = ["Arrival", "Spool", "SpoolCounts", "SpoolError", "SpooledJob"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -43,7 +47,35 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     payload BLOB,
     reason TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS job_history (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL,
+    task_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    finished_at REAL,
+    attempts INTEGER NOT NULL,
+    last_error TEXT,
+    replaced_at REAL NOT NULL
+);
 """
+# Columns added after the first release; a spool written by an older bridge gets them at start-up.
+_ADDED_COLUMNS = {
+    "unexpected_errors": "INTEGER NOT NULL DEFAULT 0",
+    "service_answered": "INTEGER NOT NULL DEFAULT 0",
+}
+
+
+class SpoolError(Exception):
+    """The spool could not be read or written (full disk, read-only disk, corrupt file); names the cause."""
+
+
+class Arrival(enum.Enum):
+    """What `Spool.add` did with a job."""
+
+    NEW = "new"                # first time seen: queued
+    DUPLICATE = "duplicate"    # still queued or in flight: collapsed into the stored one
+    AGAIN = "again"            # done or failed before: queued again, the earlier run kept as history
 
 
 @dataclass(frozen=True)
@@ -55,6 +87,8 @@ class SpooledJob:
     attempts: int
     reject_reason: str | None
     last_error: str | None = None
+    unexpected_errors: int = 0
+    service_answered: bool = False
 
     @property
     def key(self) -> tuple[str, str]:
@@ -80,14 +114,29 @@ class Spool:
     """Thread-safe access to the spool database; every change is committed before it returns."""
 
     def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._clock = clock
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        self.failing: str | None = None  # the last write's error while writes fail, for the status line
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        except (OSError, sqlite3.Error) as exc:
+            raise SpoolError(f"cannot open the spool {path}: {_cause(exc)}") from None
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            with self._transaction() as db:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                present = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+                for name, declaration in _ADDED_COLUMNS.items():
+                    if name not in present:
+                        db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {declaration}")
+        except (SpoolError, sqlite3.Error) as exc:
+            self._db.close()
+            raise SpoolError(f"cannot prepare the spool {path}: {_cause(exc)}") from None
 
     def close(self) -> None:
         with self._lock:
@@ -95,31 +144,67 @@ class Spool:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """One committed transaction under the lock; rolled back if anything raises."""
+        """One committed transaction under the lock; rolled back if anything raises, COMMIT included."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                    self._db.execute("COMMIT")
+                    self.failing = None
+                except BaseException:
+                    if self._db.in_transaction:
+                        try:
+                            self._db.execute("ROLLBACK")
+                        except sqlite3.Error:
+                            pass  # SQLite rolls back by itself when ROLLBACK cannot run
+                    raise
+            except sqlite3.Error as exc:
+                self.failing = _cause(exc)
+                raise SpoolError(f"spool {self.path}: {_cause(exc)}") from exc
+
+    def _read(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple]:  # type: ignore[type-arg]
+        with self._lock:
+            try:
+                return self._db.execute(sql, args).fetchall()
+            except sqlite3.Error as exc:
+                raise SpoolError(f"spool {self.path}: {_cause(exc)}") from exc
 
     def _write(self, sql: str, args: tuple[object, ...]) -> int:
         with self._transaction() as db:
             return db.execute(sql, args).rowcount
 
-    def add(self, job_id: str, task_id: str, payload: str, reject_reason: str | None = None) -> bool:
-        """Store a job unless its (job id, task id) is already known; True when it is new."""
+    def add(self, job_id: str, task_id: str, payload: str, reject_reason: str | None = None) -> Arrival:
+        """Store a job: new, a duplicate of one still queued or in flight, or a job taken again."""
         now = self._clock()
-        return (
-            self._write(
-                "INSERT OR IGNORE INTO jobs (job_id, task_id, payload, received_at, state, next_attempt_at,"
-                " reject_reason) VALUES (?, ?, ?, ?, 'queued', ?, ?)",
-                (job_id, task_id, payload, now, now, reject_reason),
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT state, received_at, finished_at, attempts, last_error FROM jobs"
+                " WHERE job_id = ? AND task_id = ?",
+                (job_id, task_id),
+            ).fetchone()
+            if row is None:
+                db.execute(
+                    "INSERT INTO jobs (job_id, task_id, payload, received_at, state, next_attempt_at, reject_reason)"
+                    " VALUES (?, ?, ?, ?, 'queued', ?, ?)",
+                    (job_id, task_id, payload, now, now, reject_reason),
+                )
+                return Arrival.NEW
+            state, received_at, finished_at, attempts, last_error = row
+            if state in ("queued", "inflight"):
+                return Arrival.DUPLICATE
+            db.execute(
+                "INSERT INTO job_history (job_id, task_id, state, received_at, finished_at, attempts, last_error,"
+                " replaced_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, task_id, state, received_at, finished_at, attempts, last_error, now),
             )
-            == 1
-        )
+            db.execute(
+                "UPDATE jobs SET payload = ?, received_at = ?, state = 'queued', attempts = 0, next_attempt_at = ?,"
+                " reject_reason = ?, last_error = NULL, finished_at = NULL, unexpected_errors = 0,"
+                " service_answered = 0 WHERE job_id = ? AND task_id = ?",
+                (payload, now, now, reject_reason, job_id, task_id),
+            )
+            return Arrival.AGAIN
 
     def dead_letter(
         self, reason: str, payload: bytes | str, *, topic: str | None = None, key: tuple[str, str] | None = None
@@ -139,7 +224,8 @@ class Spool:
         """The oldest queued job that is due, marked in flight; None when there is none."""
         with self._transaction() as db:
             row = db.execute(
-                "SELECT job_id, task_id, payload, received_at, attempts, reject_reason, last_error FROM jobs"
+                "SELECT job_id, task_id, payload, received_at, attempts, reject_reason, last_error,"
+                " unexpected_errors, service_answered FROM jobs"
                 " WHERE state = 'queued' AND next_attempt_at <= ? ORDER BY received_at, rowid LIMIT 1",
                 (self._clock(),),
             ).fetchone()
@@ -150,25 +236,37 @@ class Spool:
                 )
         if row is None:
             return None
-        return SpooledJob(row[0], row[1], row[2], row[3], row[4] + 1, row[5], row[6])
+        return SpooledJob(row[0], row[1], row[2], row[3], row[4] + 1, row[5], row[6], row[7], bool(row[8]))
 
     def next_due(self) -> float | None:
         """When the next queued job becomes due (a clock time), or None when nothing is queued."""
-        with self._lock:
-            row = self._db.execute("SELECT MIN(next_attempt_at) FROM jobs WHERE state = 'queued'").fetchone()
-        return row[0]
+        return self._read("SELECT MIN(next_attempt_at) FROM jobs WHERE state = 'queued'")[0][0]
 
     def complete(self, key: tuple[str, str]) -> None:
         self._write(
-            "UPDATE jobs SET state = 'done', finished_at = ?, last_error = NULL WHERE job_id = ? AND task_id = ?",
+            "UPDATE jobs SET state = 'done', finished_at = ?, last_error = NULL, service_answered = 1"
+            " WHERE job_id = ? AND task_id = ?",
             (self._clock(), *key),
         )
 
-    def retry_later(self, key: tuple[str, str], delay: float, error: str) -> None:
+    def retry_later(self, key: tuple[str, str], delay: float, error: str, *, service_answered: bool = False) -> None:
+        """Queue the job again after `delay` s; `service_answered` records that the service has seen it."""
         self._write(
-            "UPDATE jobs SET state = 'queued', next_attempt_at = ?, last_error = ? WHERE job_id = ? AND task_id = ?",
-            (self._clock() + delay, error, *key),
+            "UPDATE jobs SET state = 'queued', next_attempt_at = ?, last_error = ?,"
+            " service_answered = MAX(service_answered, ?) WHERE job_id = ? AND task_id = ?",
+            (self._clock() + delay, error, int(service_answered), *key),
         )
+
+    def unexpected_error(self, key: tuple[str, str], delay: float, error: str) -> int:
+        """Count an error the bridge did not foresee against the job and queue it again; the count so far."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE jobs SET state = 'queued', next_attempt_at = ?, last_error = ?,"
+                " unexpected_errors = unexpected_errors + 1 WHERE job_id = ? AND task_id = ?",
+                (self._clock() + delay, error, *key),
+            )
+            row = db.execute("SELECT unexpected_errors FROM jobs WHERE job_id = ? AND task_id = ?", key).fetchone()
+        return 0 if row is None else int(row[0])
 
     def release(self, key: tuple[str, str]) -> None:
         """Put an in-flight job back in the queue untouched (used when the bridge stops)."""
@@ -192,20 +290,30 @@ class Spool:
             )
 
     def prune(self, older_than: float) -> int:
-        """Forget finished jobs older than `older_than` seconds (their ids no longer dedupe)."""
-        return self._write(
-            "DELETE FROM jobs WHERE state IN ('done', 'failed') AND finished_at < ?", (self._clock() - older_than,)
-        )
+        """Forget finished jobs (and earlier runs) older than `older_than` seconds."""
+        cutoff = self._clock() - older_than
+        with self._transaction() as db:
+            db.execute("DELETE FROM job_history WHERE replaced_at < ?", (cutoff,))
+            return db.execute("DELETE FROM jobs WHERE state IN ('done', 'failed') AND finished_at < ?",
+                              (cutoff,)).rowcount
 
     def counts(self) -> SpoolCounts:
-        with self._lock:
-            states = dict(self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
-            dead = self._db.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
+        states = dict(self._read("SELECT state, COUNT(*) FROM jobs GROUP BY state"))
+        dead = self._read("SELECT COUNT(*) FROM dead_letters")[0][0]
         return SpoolCounts(
             states.get("queued", 0), states.get("inflight", 0), states.get("done", 0), states.get("failed", 0), dead
         )
 
     def dead_letters(self) -> list[tuple[str | None, str | None, str]]:
         """(job id, task id, reason) of every dead letter, oldest first."""
-        with self._lock:
-            return self._db.execute("SELECT job_id, task_id, reason FROM dead_letters ORDER BY id").fetchall()
+        return self._read("SELECT job_id, task_id, reason FROM dead_letters ORDER BY id")  # type: ignore[return-value]
+
+    def history(self, key: tuple[str, str]) -> list[tuple[str, str | None]]:
+        """(state, last error) of the earlier runs of a job, oldest first."""
+        return self._read(  # type: ignore[return-value]
+            "SELECT state, last_error FROM job_history WHERE job_id = ? AND task_id = ? ORDER BY id", key
+        )
+
+
+def _cause(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"

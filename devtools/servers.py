@@ -84,31 +84,67 @@ def _signal(target: psutil.Process | subprocess.Popen, sig: int) -> None:
 
 
 def mosquitto_binary() -> str:
-    found = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+    found = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if _usable("/usr/sbin/mosquitto") else None)
     if found is None:
         raise RuntimeError("mosquitto is not installed: `apt-get install mosquitto` (.ci/run does it)")
     return found
+
+
+def _usable(path: str) -> bool:
+    """An executable file with content (`devtools/fresh_machine.sh` hides programs behind empty files)."""
+    candidate = Path(path)
+    return candidate.is_file() and os.access(candidate, os.X_OK) and candidate.stat().st_size > 0
+
+
+def have_program(name: str) -> bool:
+    """Whether `name` can run here: on PATH (or in /usr/sbin) as a real, non-empty executable."""
+    found = shutil.which(name) or (f"/usr/sbin/{name}" if _usable(f"/usr/sbin/{name}") else None)
+    return found is not None and _usable(found)
 
 
 def broker_kind(preferred: str = "auto") -> str:
     """`mosquitto` when installed (or asked for), else the embedded Python broker `amqtt`."""
     if preferred != "auto":
         return preferred
-    return "mosquitto" if shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists() else "amqtt"
+    return "mosquitto" if have_program("mosquitto") else "amqtt"
+
+
+@dataclass(frozen=True)
+class BrokerTls:
+    """A TLS listener's server certificate chain and key (PEM files)."""
+
+    certfile: Path
+    keyfile: Path
 
 
 @dataclass
 class Broker:
     """An MQTT broker on a loopback port: Mosquitto with persistence (restartable on the same
-    port), or amqtt from PyPI where Mosquitto is not installed."""
+    port, optionally TLS or with a password file), or amqtt from PyPI where Mosquitto is not
+    installed (no persistence across restarts, no TLS, no passwords)."""
 
     folder: Path
     port: int = field(default_factory=free_port)
-    kind: str = "mosquitto"
+    kind: str = field(default_factory=broker_kind)
     process: subprocess.Popen | None = None
+    tls: BrokerTls | None = None
+    passwords: dict[str, str] | None = None
+
+    @property
+    def keeps_sessions(self) -> bool:
+        """Whether a persistent session gets QoS 1 messages sent while its client was away, unacknowledged
+        ones again on reconnect, and both across a broker restart: Mosquitto does, amqtt 0.12 does not."""
+        return self.kind == "mosquitto"
+
+    @property
+    def shares_subscriptions(self) -> bool:
+        """Whether `$share/<group>/<topic>` splits messages between subscribers: Mosquitto does, amqtt 0.12 not."""
+        return self.kind == "mosquitto"
 
     def start(self) -> Broker:
         self.folder.mkdir(parents=True, exist_ok=True)
+        if self.kind != "mosquitto" and (self.tls or self.passwords):
+            raise RuntimeError("TLS listeners and password files need Mosquitto")
         command = self._mosquitto() if self.kind == "mosquitto" else self._amqtt()
         log = (self.folder / f"{self.kind}.log").open("ab")
         self.process = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
@@ -118,16 +154,27 @@ class Broker:
 
     def _mosquitto(self) -> list[str]:
         config = self.folder / "mosquitto.conf"
-        config.write_text(
-            f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
-            "persistence true\n"
-            f"persistence_location {self.folder}/\n"
-            "max_queued_messages 100000\n"
-            "log_dest stderr\n"
+        lines = [
+            f"listener {self.port} 127.0.0.1",
+            "persistence true",
+            f"persistence_location {self.folder}/",
+            "max_queued_messages 100000",
+            "log_dest stderr",
             # Started as root, mosquitto would switch to user 'mosquitto', who cannot write here.
-            f"user {getpass.getuser()}\n"
-        )
+            f"user {getpass.getuser()}",
+        ]
+        if self.tls is not None:
+            lines += [f"certfile {self.tls.certfile}", f"keyfile {self.tls.keyfile}"]
+        if self.passwords:
+            password_file = self.folder / "passwords"
+            password_file.write_text("")
+            for user, password in self.passwords.items():
+                subprocess.run(["mosquitto_passwd", "-b", str(password_file), user, password], check=True,
+                               capture_output=True, timeout=30)
+            lines += ["allow_anonymous false", f"password_file {password_file}"]
+        else:
+            lines.append("allow_anonymous true")
+        config.write_text("\n".join(lines) + "\n")
         return [mosquitto_binary(), "-c", str(config)]
 
     def _amqtt(self) -> list[str]:
@@ -175,7 +222,10 @@ def publish(port: int, payloads: list[bytes | str], topic: str = "mqtt-export/pi
 
 @dataclass
 class Bridge:
-    """`python paho_mqtt_client.py <config>` as a real process."""
+    """`python paho_mqtt_client.py <config>` as a real process.
+
+    `prefix` runs it under another command (e.g. `unshare --mount ...`); `env` adds variables.
+    """
 
     folder: Path
     service_url: str
@@ -183,10 +233,14 @@ class Bridge:
     client_id: str
     extra: dict = field(default_factory=dict)
     process: subprocess.Popen | None = None
+    prefix: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    spool_path: Path | None = None
+    broker_host: str = "127.0.0.1"
 
     @property
     def spool(self) -> Path:
-        return self.folder / "spool.sqlite3"
+        return self.spool_path or self.folder / "spool.sqlite3"
 
     @property
     def log_path(self) -> Path:
@@ -198,7 +252,7 @@ class Bridge:
             "gateway_ip": "127.0.0.1",
             "mqtt": {
                 "topic": "mqtt-export/pipeline/params",
-                "hostname": "127.0.0.1",
+                "hostname": self.broker_host,
                 "port": self.broker_port,
                 "qos": 1,
                 "client_id": self.client_id,
@@ -218,17 +272,20 @@ class Bridge:
         path.write_text(yaml.safe_dump(config))
         return path
 
-    def start(self) -> Bridge:
+    def start(self, wait_for: str | None = "subscribed to") -> Bridge:
+        """Start the process; wait until its log shows `wait_for` (one more time than before)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         config = self.write_config()
-        env = {**os.environ, "BRIDGE_SERVICE_URL": self.service_url}
+        env = {**os.environ, "BRIDGE_SERVICE_URL": self.service_url, **self.env}
+        before = self.log_text().count(wait_for) if wait_for else 0
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, str(REPO / "paho_mqtt_client.py"), str(config)],
+            [*self.prefix, sys.executable, str(REPO / "paho_mqtt_client.py"), str(config)],
             cwd=REPO, env=env, stdout=log, stderr=log, start_new_session=True,
         )
         log.close()
-        self.wait_for_log("subscribed to", timeout=20)
+        if wait_for:
+            self.wait_for_log(wait_for, timeout=20, count=before + 1)
         return self
 
     def wait_for_log(self, text: str, timeout: float = 20, count: int = 1) -> None:

@@ -20,7 +20,7 @@ def test_bridge_starts_without_the_service_dependencies():
         f" if getattr(m, '__file__', None) and m.__file__.startswith({str(REPO)!r})"
         " and not m.__file__.startswith(sys.prefix))))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
     used = {Path(f).relative_to(REPO).as_posix() for f in result.stdout.split()}
     dockerfile = (REPO / "Dockerfile").read_text()

@@ -9,7 +9,7 @@ import pytest
 
 from bridge.config import ConfigError, load_config
 from bridge.receiver import inspect_payload
-from bridge.spool import Spool
+from bridge.spool import Arrival, Spool
 
 REPO = Path(__file__).resolve().parent.parent
 ALLOWED = frozenset({"127.0.0.1", "job-repository", "task-launcher"})
@@ -78,9 +78,30 @@ bridge: {concurrency: 0, max_age: soon}
             load_config(write(tmp_path, text), env={})
         keys = [p.split(":")[0] for p in info.value.problems]
         assert keys == [
-            "service.port", "gateway_ip", "mqtt.port", "mqtt.topic", "mqtt.qos", "mqtt.tls.ca_certs",
-            "bridge.concurrency", "bridge.max_age",
+            "service.POST_url", "service.port", "gateway_ip", "mqtt.topic", "mqtt.port", "mqtt.qos",
+            "mqtt.tls.ca_certs", "bridge.concurrency", "bridge.max_age",
         ]
+
+    def test_a_bad_environment_override_is_named_with_its_variable(self, tmp_path):
+        env = {"BRIDGE_MQTT_PORT": "0", "BRIDGE_LOG_LEVEL": "chatty", "BRIDGE_SERVICE_URL": "localhost:3000"}
+        with pytest.raises(ConfigError) as info:
+            load_config(write(tmp_path, GOOD_CONFIG), env=env)
+        problems = info.value.problems
+        assert problems[0].startswith("BRIDGE_SERVICE_URL: must be an http(s) URL")
+        assert any(p.startswith("mqtt.port (from BRIDGE_MQTT_PORT):") for p in problems)
+        assert any(p.startswith("bridge.log_level (from BRIDGE_LOG_LEVEL):") for p in problems)
+
+    def test_a_misspelt_bridge_key_is_reported_not_ignored(self, tmp_path):
+        with pytest.raises(ConfigError, match=r"bridge.concurency: unknown key"):
+            load_config(write(tmp_path, GOOD_CONFIG + "bridge: {concurency: 4}\n"), env={})
+
+    def test_log_level_and_status_topic_have_defaults_and_overrides(self, tmp_path):
+        config = load_config(write(tmp_path, GOOD_CONFIG), env={})
+        assert config.log_level == "INFO"
+        assert config.status_topic == "aicsd-pipeline/bridge/aicsd-pipeline-bridge/status"
+        text = GOOD_CONFIG + "bridge: {log_level: debug}\n"
+        assert load_config(write(tmp_path, text), env={}).log_level == "DEBUG"
+        assert load_config(write(tmp_path, text), env={"BRIDGE_LOG_LEVEL": "warning"}).log_level == "WARNING"
 
     def test_missing_file_and_bad_yaml_are_reported(self, tmp_path):
         with pytest.raises(ConfigError, match="does not exist"):
@@ -92,12 +113,14 @@ bridge: {concurrency: 0, max_age: soon}
 
 
 class TestSpool:
-    def test_same_job_is_stored_once(self, tmp_path):
+    def test_a_job_still_queued_or_in_flight_is_stored_once(self, tmp_path):
         spool = Spool(tmp_path / "s.db")
-        assert spool.add("j", "t", "{}") is True
-        assert spool.add("j", "t", "{}") is False
-        assert spool.add("j", "t2", "{}") is True
-        assert spool.counts().queued == 2
+        assert spool.add("j", "t", "{}") is Arrival.NEW
+        assert spool.add("j", "t", "{}") is Arrival.DUPLICATE
+        assert spool.add("j", "t2", "{}") is Arrival.NEW
+        spool.claim()
+        assert spool.add("j", "t", "{}") is Arrival.DUPLICATE
+        assert (spool.counts().queued, spool.counts().inflight) == (1, 1)
 
     def test_jobs_are_claimed_in_arrival_order_and_only_once(self, tmp_path):
         clock = iter(range(100)).__next__
@@ -128,12 +151,65 @@ class TestSpool:
         assert reopened.requeue_inflight() == 1
         assert reopened.claim().payload == '{"x": 1}'
 
-    def test_finished_job_is_not_queued_again_when_redelivered(self, tmp_path):
+    def test_a_job_published_again_after_it_was_done_or_failed_is_taken_again_afresh(self, tmp_path):
+        now = [0.0]
+        spool = Spool(tmp_path / "s.db", clock=lambda: now[0])
+        spool.add("a", "t", '{"run": 1}')
+        spool.complete(spool.claim().key)
+        spool.add("b", "t", '{"run": 1}')
+        job = spool.claim()
+        spool.retry_later(job.key, 0, "service answered 502", service_answered=True)
+        spool.fail(spool.claim(), "gave up")
+        now[0] = 50.0
+        assert spool.add("a", "t", '{"run": 2}') is Arrival.AGAIN
+        assert spool.add("b", "t", '{"run": 2}') is Arrival.AGAIN
+        again = [spool.claim(), spool.claim()]
+        assert [(j.job_id, j.payload, j.received_at, j.attempts, j.service_answered) for j in again] == [
+            ("a", '{"run": 2}', 50.0, 1, False), ("b", '{"run": 2}', 50.0, 1, False)]
+        assert spool.history(("a", "t")) == [("done", None)]
+        assert spool.history(("b", "t")) == [("failed", "gave up")]
+
+    def test_unexpected_errors_are_counted_per_job(self, tmp_path):
         spool = Spool(tmp_path / "s.db")
         spool.add("a", "t", "{}")
-        spool.complete(spool.claim().key)
-        assert spool.add("a", "t", "{}") is False
-        assert spool.counts().done == 1 and spool.counts().queued == 0
+        counts = []
+        for _ in range(3):
+            job = spool.claim()
+            counts.append(spool.unexpected_error(job.key, 0, "boom"))
+        assert counts == [1, 2, 3] and spool.claim().unexpected_errors == 3
+
+    def test_a_spool_written_by_an_older_bridge_gets_the_new_columns(self, tmp_path):
+        import sqlite3
+
+        db = sqlite3.connect(tmp_path / "old.db")
+        db.executescript(
+            "CREATE TABLE jobs (job_id TEXT NOT NULL, task_id TEXT NOT NULL, payload TEXT NOT NULL,"
+            " received_at REAL NOT NULL, state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,"
+            " next_attempt_at REAL NOT NULL, reject_reason TEXT, last_error TEXT, finished_at REAL,"
+            " PRIMARY KEY (job_id, task_id));"
+            "INSERT INTO jobs VALUES ('a', 't', '{}', 0, 'queued', 0, 0, NULL, NULL, NULL);"
+        )
+        db.close()
+        job = Spool(tmp_path / "old.db").claim()
+        assert (job.job_id, job.unexpected_errors, job.service_answered) == ("a", 0, False)
+
+    def test_a_spool_that_cannot_be_written_is_one_spool_error(self, tmp_path):
+        from bridge.spool import SpoolError
+
+        (tmp_path / "ro").mkdir()
+        (tmp_path / "ro").chmod(0o500)
+        target = tmp_path / "ro" / "s.db"
+        try:
+            import os
+
+            if os.geteuid() == 0:
+                # root writes anywhere: a file where the spool's folder should be does the same
+                (tmp_path / "file").write_text("")
+                target = tmp_path / "file" / "s.db"
+            with pytest.raises(SpoolError, match="cannot open the spool"):
+                Spool(target)
+        finally:
+            (tmp_path / "ro").chmod(0o700)
 
     def test_failed_job_goes_to_the_dead_letter_table_with_its_reason(self, tmp_path):
         spool = Spool(tmp_path / "s.db")
@@ -150,7 +226,7 @@ class TestSpool:
         spool.add("a", "t", "{}")
         spool.complete(spool.claim().key)
         now[0] = 100
-        assert spool.prune(50) == 1 and spool.add("a", "t", "{}") is True
+        assert spool.prune(50) == 1 and spool.add("a", "t", "{}") is Arrival.NEW
 
 
 class TestPayloads:
@@ -188,3 +264,18 @@ class TestPayloads:
         job = {**JOB, "JobUpdateUrl": JOB["JobUpdateUrl"].replace("job-repository", "elsewhere")}
         receipt = inspect_payload(json.dumps(job).encode(), ALLOWED)
         assert receipt.key is None and "bridge.callback_hosts" in receipt.dead_reason
+
+
+def test_tls_files_that_are_not_certificates_stop_start_up_with_one_line_and_exit_code_2(tmp_path):
+    import subprocess
+    import sys
+
+    junk = tmp_path / "ca.pem"
+    junk.write_text("not a certificate\n")
+    config = write(tmp_path, GOOD_CONFIG.replace("port: 1883}", f"port: 1883, tls: {{ca_certs: {junk}}}}}")
+                   + f"bridge: {{spool: {tmp_path / 'spool.db'}}}\n")
+    result = subprocess.run([sys.executable, "paho_mqtt_client.py", str(config)], capture_output=True, text=True,
+                            cwd=REPO, timeout=60, check=False)
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "[INFO]" not in line]
+    assert len(errors) == 1 and errors[0].startswith("error: mqtt.tls:"), result.stderr
