@@ -30,13 +30,12 @@ from pydantic import ValidationError
 from aicsd.callbacks import AicsdClient
 from aicsd.errors import JobRejected
 from aicsd.job import CallbackUrls, Job, JobRequest
-from aicsd.logs import JobLog
+from aicsd.logs import JobLog, shown
 from aicsd.outcome import PipelineOutcome
 from aicsd.transport import HttpClient, HttpFailure, HttpResponse
 
 from .config import BridgeConfig
 from .spool import Spool, SpooledJob, SpoolError
-from .text import one_line, shown_id
 
 __all__ = ["ForwardStats", "Forwarder", "usable_callbacks"]
 
@@ -133,9 +132,9 @@ class Forwarder:
             self._inflight.discard(key)
         try:
             self.spool.release(key)
-            log.warning("job=%s task=%s queued again after its worker ended", *map(shown_id, key))
+            log.warning("job=%s task=%s queued again after its worker ended", *map(shown, key))
         except SpoolError as exc:
-            log.error("job=%s task=%s left in flight (queued again at the next start): %s", *map(shown_id, key), exc)
+            log.error("job=%s task=%s left in flight (queued again at the next start): %s", *map(shown, key), exc)
 
     @property
     def alive(self) -> int:
@@ -166,10 +165,10 @@ class Forwarder:
         for key in left:
             try:
                 self.spool.release(key)
-                log.info("job=%s task=%s returned to the spool at shutdown", *map(shown_id, key))
+                log.info("job=%s task=%s returned to the spool at shutdown", *map(shown, key))
             except SpoolError as exc:
                 log.error("job=%s task=%s left in flight (queued again at the next start): %s",
-                          *map(shown_id, key), exc)
+                          *map(shown, key), exc)
         self._http.close()
 
     @property
@@ -219,7 +218,7 @@ class Forwarder:
 
     def _process(self, job: SpooledJob) -> None:
         """One turn of one job: decide, tell AiCSD where the bridge must, record. Never raises."""
-        job_log = JobLog(log, shown_id(job.job_id), shown_id(job.task_id))
+        job_log = JobLog(log, job.job_id, job.task_id)
         try:
             decision = self._decide(job, job_log)
             if isinstance(decision, _Fail) and not job.service_answered:
@@ -248,7 +247,7 @@ class Forwarder:
             job_log.info("forwarded (attempt %d): %s", job.attempts, _field(response, "Status") or "done")
             return _Complete()
         if response.status_code >= 500:
-            return self._retry(job, f"service answered {response.status_code}: {one_line(response.text, 300)}",
+            return self._retry(job, f"service answered {response.status_code}: {shown(response.text, 300)}",
                                True, job_log)
         reason = f"service refused the job ({response.status_code}): {_error_text(response)}"
         job_log.error("job failed: %s", reason)
@@ -332,7 +331,7 @@ class Forwarder:
             with self._wake:
                 self._unrecorded.pop(key, None)
                 self._inflight.discard(key)
-            JobLog(log, shown_id(job.job_id), shown_id(job.task_id)).info("state recorded in the spool at last")
+            JobLog(log, job.job_id, job.task_id).info("state recorded in the spool at last")
             self._count(decision)
         return True
 
@@ -380,4 +379,4 @@ def _field(response: HttpResponse, name: str) -> str | None:
 
 def _error_text(response: HttpResponse) -> str:
     text = response.text.strip()
-    return one_line(text, 500) if text else one_line(response.reason_phrase)
+    return shown(text, 500) if text else shown(response.reason_phrase)

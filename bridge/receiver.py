@@ -32,10 +32,11 @@ from pydantic import ValidationError
 
 from aicsd.job import JobRequest
 
+from aicsd.logs import shown
+
 from .config import BridgeConfig
 from .forwarder import usable_callbacks
 from .spool import Arrival, Spool, SpoolError
-from .text import shown, shown_id
 
 __all__ = ["Receipt", "Receiver", "connection_failure", "inspect_payload"]
 
@@ -316,7 +317,7 @@ class Receiver:
             return
         assert receipt.key is not None and receipt.text is not None
         arrival = self.spool.add(*receipt.key, receipt.text, reject_reason=receipt.reject_reason)
-        ids = tuple(map(shown_id, receipt.key))
+        ids = tuple(map(shown, receipt.key))
         invalid = " (invalid, will be failed)" if receipt.reject_reason else ""
         if arrival is Arrival.NEW:
             log.info("job=%s task=%s received%s", *ids, invalid)
