@@ -185,6 +185,13 @@ class Job:
     output_folder: Path
     params: ModelParams
     gateway_ip: str
+    sent_output_folder: str = ""
+    """`OutputFileFolder` exactly as AiCSD sent it (a trailing '/' kept), when it differs in spelling."""
+
+    @property
+    def output_dir_name(self) -> str:
+        """The output folder as AiCSD spelled it: what each output file's DirName must say."""
+        return self.sent_output_folder or str(self.output_folder)
 
     @property
     def job_id(self) -> str:
@@ -213,6 +220,7 @@ class Job:
             callbacks=CallbackUrls(update.job_id, update.task_id, update.url, status.url),
             input_file=Path(request.InputFileLocation),
             output_folder=Path(request.OutputFileFolder),
+            sent_output_folder=request.OutputFileFolder,
             params=ModelParams(request.ModelParams),
             gateway_ip=request.GatewayIP,
         )

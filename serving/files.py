@@ -116,6 +116,9 @@ def open_input_file(path: Path, roots: tuple[Path, ...] | None, field: str = "In
     return InputFile(path, _open_checked(path, roots, field, want_dir=False))
 
 
-def open_output_folder(path: Path, roots: tuple[Path, ...] | None, field: str = "OutputFileFolder") -> OutputFolder:
-    """Open the job's output folder, a directory inside a root (None: no root rule)."""
-    return OutputFolder(str(path), _open_checked(path, roots, field, want_dir=True))
+def open_output_folder(
+    path: Path | str, roots: tuple[Path, ...] | None, field: str = "OutputFileFolder"
+) -> OutputFolder:
+    """Open the job's output folder, a directory inside a root (None: no root rule). Its
+    `dir_name` is `path` exactly as given: what AiCSD wants back as each file's DirName."""
+    return OutputFolder(str(path), _open_checked(Path(path), roots, field, want_dir=True))

@@ -17,9 +17,9 @@ from aicsd.logs import JobLog, shown
 from aicsd.outcome import PipelineOutcome
 from pipeline.base import FilesRecorder, InputFile, OutputFolder, Pipeline, PipelineTask
 from pipeline.classification import ClassificationPipeline
-from pipeline.model_api import ModelApiModel, ModelApiPipeline, own_kind
 from pipeline.counting import CountingPipeline
 from pipeline.memory import MIB, MemoryBudget
+from pipeline.model_api import ModelApiModel, ModelApiPipeline, own_kind
 from pipeline.model_repository import CompiledModel, ModelEntry, ModelRepository, no_model_file
 
 from .files import open_input_file, open_output_folder
@@ -137,7 +137,7 @@ class PipelineRunner:
         roots = self.settings.file_roots
         return self._run(
             lambda: open_input_file(job.input_file, roots),
-            lambda: open_output_folder(job.output_folder, roots),
+            lambda: open_output_folder(job.output_dir_name, roots),
             model or (lambda: self.model_name(job.params)),
             job.params,
             job_log,

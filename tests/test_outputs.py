@@ -57,7 +57,7 @@ def test_counting_pages_of_different_sizes_lists_one_viewable_tiff_with_a_page_e
     image = file_root / "input" / f"{uuid.uuid4()}.tiff"
     sizes = (160, 96)
     with tifffile.TiffWriter(image) as tif:
-        for seed, size in zip((51, 52), sizes):
+        for seed, size in zip((51, 52), sizes, strict=False):
             tif.write(make_image(seed, bits=16, count=8, touching_pairs=0, size=size).pixels)
     job, body = job_body(aicsd, image, file_root / "output", Model="cell-counter")
     response = classify(client, service, body)
@@ -66,3 +66,17 @@ def test_counting_pages_of_different_sizes_lists_one_viewable_tiff_with_a_page_e
     assert state.ended == "complete" and state.viewable == [f"{image.stem}-counted.jpeg"]
     with tifffile.TiffFile(file_root / "output" / f"{image.stem}-counted.tiff") as tif:
         assert [p.shape for p in tif.pages] == [(s, s, 3) for s in sizes]
+
+
+def test_dir_name_keeps_the_output_folder_exactly_as_aicsd_spelled_it(service, aicsd, client, file_root, photos):
+    import shutil
+
+    image = file_root / "input" / f"{uuid.uuid4()}.png"
+    shutil.copyfile(photos["coffee"], image)
+    job = aicsd.new_job("ovms/cell-counter")
+    spelled = f"{file_root}/output/"  # a trailing slash, as a person may type it in AiCSD
+    body = {"InputFileLocation": str(image), "OutputFileFolder": spelled, "ModelParams": {"Brightness": "0"},
+            "JobUpdateUrl": job.job_update_url, "PipelineStatusUrl": job.pipeline_status_url}
+    update = client.post(f"{service.url}/classify", json=body).json()
+    assert update["Status"] == "PipelineComplete", update["Results"]
+    assert [f["DirName"] for f in update["OutputFiles"]] == [spelled]
