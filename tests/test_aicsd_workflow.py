@@ -195,6 +195,26 @@ class TestThroughTheBrokerAndTheBridge:
         del body["GatewayIP"]  # AiCSD does not send it; the bridge adds it
         return json.dumps(body)
 
+    def test_jobs_published_for_tasks_of_two_pipelines_with_the_ui_defaults_each_run_their_tasks_model(
+        self, broker, service, aicsd, file_root, photos, tmp_path, output
+    ):
+        from devtools.servers import Bridge, publish
+
+        image = copy_into(file_root, photos["coffee"], f"{uuid.uuid4()}.png")
+        classifier = aicsd.new_job("ovms/efficientnet-lite0")
+        counter = aicsd.new_job("ovms/cell-counter")
+        bridge = Bridge(tmp_path / "bridge", f"{service.url}/classify", broker.port,
+                        client_id=f"bridge-{uuid.uuid4().hex[:8]}").start()
+        try:
+            publish(broker.port, [self.payload(job, image, output) for job in (classifier, counter)])
+            classified = aicsd.wait_for_status(classifier.job_id, timeout=60)
+            counted = aicsd.wait_for_status(counter.job_id, timeout=60)
+        finally:
+            bridge.stop()
+        assert json.loads(classified.results)["model"] == "efficientnet-lite0" and "espresso" in classified.results
+        assert json.loads(counted.results)["Model"] == "cell-counter" and "CellCount" in counted.results
+        assert [f["name"] for f in counted.output_files] == [f"{image.stem}-counted.tiff"]
+
     def test_the_service_killed_three_times_during_a_burst_of_100_jobs_reports_each_exactly_once(
         self, broker, aicsd, service_models, file_root, tmp_path, output
     ):
