@@ -13,6 +13,9 @@ MQTT_CLIENT_IMAGE ?= paho_mqtt_client
 MQTT_CLIENT_CONFIG ?= $(CURDIR)/pythonClientConfig.yaml
 EDGEX_NETWORK ?= edgex_edgex-network
 GATEWAY_FILES ?= $(HOME)/data/gateway-files
+# The service's job ledger in the container: on the gateway-files volume, which outlives the
+# container and which the service can write (it writes its output files there).
+CONTAINER_LEDGER ?= /tmp/files/.aicsd-pipeline/ledger.sqlite3
 # AiCSD's own models/ folder (where its UI's Upload Models puts models). When set, `make run`
 # mounts it read-only and the service serves its models next to the bento's, picking up new
 # ones without a restart; PIPELINE_MODEL_POLL (seconds) sets how often it looks.
@@ -98,7 +101,7 @@ run: ## Start the bento container on the EdgeX network, then the bridge containe
 		echo "note: serving the bento's own models only; add AICSD_MODELS=<AiCSD project>/models to serve AiCSD's too"; fi
 	docker run -itd --network=$(EDGEX_NETWORK) -p $(PORT):3000 -v $(GATEWAY_FILES):/tmp/files \
 		$(if $(AICSD_MODELS),-v $(abspath $(AICSD_MODELS)):/aicsd-models:ro -e PIPELINE_MODELS_DIR=models:/aicsd-models) \
-		-e PIPELINE_MODEL_POLL=$(PIPELINE_MODEL_POLL) $(BENTO_TAG) serve
+		-e PIPELINE_MODEL_POLL=$(PIPELINE_MODEL_POLL) -e PIPELINE_LEDGER=$(CONTAINER_LEDGER) $(BENTO_TAG) serve
 	$(MAKE) --no-print-directory run-mqtt-client
 
 docker-down-bento: ## Stop and remove the bento container (BENTO_TAG required; quiet when none runs)
