@@ -6,7 +6,8 @@
     callbacks       the job update, then the status, with retries (`AicsdClient`)
     transport       the kept-alive HTTP client the callbacks and the bridge use
     errors          the failure families, each with a message fit for the AiCSD UI
-    logs            logging set-up and the job logger (`JobLog`)
+    logs            logging set-up, the job logger (`JobLog`), job text made safe (`shown`)
+    settings        declared settings (`DeclaredSettings`), every problem reported at once
 
 It imports neither numpy nor OpenVINO, so the MQTT bridge ships it whole.
 """

@@ -1,6 +1,7 @@
 """The ML pipelines: image I/O, the model repository, one module per pipeline kind.
 
     images            reading input images (JPEG, PNG, TIFF, ...) within a pixel budget
+    memory            the memory budget for images in flight
     model_repository  OVMS-layout model folders, each version compiled once
     base              what a pipeline kind implements (`Pipeline`, `PipelineTask`)
     classification    our image classifier (EfficientNet-Lite0)
