@@ -58,7 +58,7 @@ def create_inference_response(
     text = results if isinstance(results, str) else json.dumps(results, separators=(",", ":"))
     items = list(output_files)
     files = tuple(OutputFile(Path(p)) for p in items if not isinstance(p, Mapping))
-    body = job_update_body(PipelineOutcome(pipelineStatus, qc_flags=qc_flags, output_files=files, results=text))  # type: ignore[arg-type]
+    body = job_update_body(PipelineOutcome(pipelineStatus, qc_flags=qc_flags, output_files=files, results=text))
     from_paths = iter(body["OutputFiles"])
     body["OutputFiles"] = [_file_entry(p) if isinstance(p, Mapping) else next(from_paths) for p in items]
     return body
@@ -66,7 +66,9 @@ def create_inference_response(
 
 def _file_entry(given: Mapping[str, Any]) -> dict[str, Any]:
     """An OutputFile entry from a caller's mapping: AiCSD's defaults, and the dot on `Extension`."""
-    entry: dict[str, Any] = {"DirName": "", "Name": "", "Extension": "", "Status": "", "ErrorDetails": None, "Owner": ""}
+    entry: dict[str, Any] = {
+        "DirName": "", "Name": "", "Extension": "", "Status": "", "ErrorDetails": None, "Owner": "",
+    }
     entry.update(given)
     name = str(entry["Name"])
     extension = str(entry["Extension"] or Path(name).suffix)

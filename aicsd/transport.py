@@ -78,8 +78,20 @@ _Origin = tuple[str, str, int]
 class _Answer:
     """httptools callbacks for one answer: collects it and enforces the size limit on the way."""
 
-    __slots__ = ("parser", "max_body", "head_only", "reason", "headers", "parts", "size",
-                 "head_done", "until_close", "complete", "extra", "keep_alive")
+    __slots__ = (
+        "complete",
+        "extra",
+        "head_done",
+        "head_only",
+        "headers",
+        "keep_alive",
+        "max_body",
+        "parser",
+        "parts",
+        "reason",
+        "size",
+        "until_close",
+    )
 
     def __init__(self, max_body: int, head_only: bool) -> None:
         self.parser = httptools.HttpResponseParser(self)
@@ -237,7 +249,9 @@ class HttpClient:
         self._lock = threading.Lock()
         self._closed = False
 
-    def request(self, method: str, url: str, body: bytes = b"", headers: Mapping[str, str] | None = None) -> HttpResponse:
+    def request(
+        self, method: str, url: str, body: bytes = b"", headers: Mapping[str, str] | None = None
+    ) -> HttpResponse:
         """Send `body` (always with a Content-Length) and read the whole answer, or raise HttpFailure."""
         deadline = time.monotonic() + self.timeout
         try:
@@ -266,10 +280,6 @@ class HttpClient:
         else:
             connection.close()
         return response
-
-    def post_json(self, url: str, payload: Any) -> HttpResponse:
-        body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-        return self.request("POST", url, body, {"Content-Type": "application/json"})
 
     def close(self) -> None:
         with self._lock:
@@ -365,7 +375,8 @@ def _request_head(method: str, target: str, host: str, length: int, headers: Map
     try:
         return "\r\n".join(lines).encode("latin-1")
     except UnicodeEncodeError as exc:
-        raise HttpFailure(f"a header value has a character HTTP cannot carry: {exc.object[exc.start:exc.end]!r}") from None
+        bad = exc.object[exc.start:exc.end]
+        raise HttpFailure(f"a header value has a character HTTP cannot carry: {bad!r}") from None
 
 
 def _describe(exc: BaseException) -> str:

@@ -207,7 +207,7 @@ class _MqttSection(_Section):
             return {}
         if not isinstance(value, Mapping):
             # pydantic turns only ValueError into a validation problem
-            raise ValueError("must be a mapping with ca_certs, certfile, keyfile (or true)")  # noqa: TRY004
+            raise ValueError("must be a mapping with ca_certs, certfile, keyfile (or true)")
         return value
 
     @field_validator("shared_group")

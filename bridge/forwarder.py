@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 from pydantic import ValidationError
 
@@ -37,20 +37,10 @@ from aicsd.transport import HttpClient, HttpFailure, HttpResponse
 from .config import BridgeConfig
 from .spool import Spool, SpooledJob, SpoolError
 
-__all__ = ["ForwardStats", "Forwarder", "usable_callbacks"]
+__all__ = ["Forwarder", "usable_callbacks"]
 
 log = logging.getLogger("bridge.forwarder")
-_Log = logging.LoggerAdapter  # type: ignore[type-arg]
-
-
-@dataclass
-class ForwardStats:
-    forwarded: int = 0
-    retried: int = 0
-    failed: int = 0
-    dropped: int = 0  # given up on quietly: the service had the job and reports it itself
-    unexpected: int = 0
-    restarts: int = 0
+_Log: TypeAlias = "logging.LoggerAdapter[logging.Logger]"
 
 
 # What to record in the spool for a job once its turn is over.
@@ -98,7 +88,6 @@ class Forwarder:
         # Decisions the spool could not record yet (a full disk), retried before any new job.
         self._unrecorded: dict[tuple[str, str], tuple[SpooledJob, _Decision]] = {}
         self._recording = threading.Lock()  # one worker at a time writes the held decisions
-        self.stats = ForwardStats()
 
     def start(self) -> None:
         for number in range(self.config.concurrency):
@@ -120,7 +109,6 @@ class Forwarder:
                 self._release_held(number)
                 self._spawn(number)
                 restarted += 1
-        self.stats.restarts += restarted
         return restarted
 
     def _release_held(self, number: int) -> None:
@@ -171,11 +159,6 @@ class Forwarder:
                           *map(shown, key), exc)
         self._http.close()
 
-    @property
-    def in_flight(self) -> int:
-        with self._wake:
-            return len(self._inflight)
-
     def _work(self, number: int) -> None:
         while not self._stopping.is_set():
             try:
@@ -214,7 +197,7 @@ class Forwarder:
                 self._wake.wait(seconds)
 
     def _backoff(self, job: SpooledJob) -> float:
-        return min(self.config.retry_max, self.config.retry_initial * 2 ** max(0, job.attempts - 1))
+        return float(min(self.config.retry_max, self.config.retry_initial * 2 ** max(0, job.attempts - 1)))
 
     def _process(self, job: SpooledJob) -> None:
         """One turn of one job: decide, tell AiCSD where the bridge must, record. Never raises."""
@@ -223,8 +206,7 @@ class Forwarder:
             decision = self._decide(job, job_log)
             if isinstance(decision, _Fail) and not job.service_answered:
                 decision = _Fail(self._report_failed(job, decision.reason, job_log))
-        except Exception as exc:  # noqa: BLE001 - whatever it is, it is counted against the job
-            self.stats.unexpected += 1
+        except Exception as exc:
             job_log.exception("unexpected error in the bridge")
             decision = self._unexpected(job, f"unexpected error in the bridge: {type(exc).__name__}: {exc}", job_log)
         self._record(job, decision, job_log)
@@ -293,7 +275,7 @@ class Forwarder:
                 return reason
             report = self.aicsd.report(callbacks, PipelineOutcome.failed(reason))
             return reason if report.delivered else reason + " (AiCSD could not be told)"
-        except Exception as exc:  # noqa: BLE001 - the failure path must not raise
+        except Exception as exc:
             job_log.exception("telling AiCSD PipelineFailed went wrong")
             return f"{reason} (AiCSD could not be told: {type(exc).__name__}: {exc})"
 
@@ -301,12 +283,11 @@ class Forwarder:
         """Write the decision to the spool, or keep it to be written when the spool works again."""
         try:
             self._apply(job, decision)
-        except Exception as exc:  # noqa: BLE001 - kept and retried, whatever the cause
+        except Exception as exc:
             job_log.error("cannot record the job's state in the spool, keeping it to retry: %s", exc)
             with self._wake:
                 self._unrecorded[job.key] = (job, decision)
             return
-        self._count(decision)
 
     def _record_unrecorded(self) -> bool:
         """Write the decisions the spool could not take before; True when none is left."""
@@ -326,13 +307,12 @@ class Forwarder:
         for key, (job, decision) in waiting:
             try:
                 self._apply(job, decision)
-            except Exception:  # noqa: BLE001 - still failing: tried again on the next turn
+            except Exception:
                 return False
             with self._wake:
                 self._unrecorded.pop(key, None)
                 self._inflight.discard(key)
             JobLog(log, job.job_id, job.task_id).info("state recorded in the spool at last")
-            self._count(decision)
         return True
 
     def _apply(self, job: SpooledJob, decision: _Decision) -> None:
@@ -342,16 +322,6 @@ class Forwarder:
             self.spool.retry_later(job.key, decision.delay, decision.error, service_answered=decision.service_answered)
         else:
             self.spool.fail(job, decision.reason)
-
-    def _count(self, decision: _Decision) -> None:
-        if isinstance(decision, _Complete):
-            self.stats.forwarded += 1
-        elif isinstance(decision, _RetryLater):
-            self.stats.retried += 1
-        elif "no callback from the bridge" in decision.reason:
-            self.stats.dropped += 1
-        else:
-            self.stats.failed += 1
 
 
 def usable_callbacks(payload: str | Mapping[str, Any], allowed_hosts: frozenset[str]) -> CallbackUrls | None:

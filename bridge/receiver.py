@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import ValidationError
 
 from aicsd.job import JobRequest
-
 from aicsd.logs import shown
 
 from .config import BridgeConfig
@@ -148,7 +148,7 @@ class Receiver:
         self._stopping = threading.Event()
         self._retrier: threading.Thread | None = None
         client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
+            CallbackAPIVersion.VERSION2,
             client_id=config.client_id,
             clean_session=False,
             protocol=mqtt.MQTTv311,

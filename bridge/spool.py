@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 __all__ = ["Arrival", "Spool", "SpoolCounts", "SpoolError", "SpooledJob"]
 
@@ -163,7 +164,7 @@ class Spool:
                 self.failing = _cause(exc)
                 raise SpoolError(f"spool {self.path}: {_cause(exc)}") from exc
 
-    def _read(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple]:  # type: ignore[type-arg]
+    def _read(self, sql: str, args: tuple[object, ...] = ()) -> list[Any]:
         with self._lock:
             try:
                 return self._db.execute(sql, args).fetchall()
@@ -240,7 +241,8 @@ class Spool:
 
     def next_due(self) -> float | None:
         """When the next queued job becomes due (a clock time), or None when nothing is queued."""
-        return self._read("SELECT MIN(next_attempt_at) FROM jobs WHERE state = 'queued'")[0][0]
+        due = self._read("SELECT MIN(next_attempt_at) FROM jobs WHERE state = 'queued'")[0][0]
+        return None if due is None else float(due)
 
     def complete(self, key: tuple[str, str]) -> None:
         self._write(
@@ -306,11 +308,11 @@ class Spool:
 
     def dead_letters(self) -> list[tuple[str | None, str | None, str]]:
         """(job id, task id, reason) of every dead letter, oldest first."""
-        return self._read("SELECT job_id, task_id, reason FROM dead_letters ORDER BY id")  # type: ignore[return-value]
+        return self._read("SELECT job_id, task_id, reason FROM dead_letters ORDER BY id")
 
     def history(self, key: tuple[str, str]) -> list[tuple[str, str | None]]:
         """(state, last error) of the earlier runs of a job, oldest first."""
-        return self._read(  # type: ignore[return-value]
+        return self._read(
             "SELECT state, last_error FROM job_history WHERE job_id = ? AND task_id = ? ORDER BY id", key
         )
 

@@ -200,7 +200,9 @@ class AicsdStandIn:
 
         self._server = ThreadingHTTPServer((self.host, self.port), Handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), name="aicsd-standin", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.05,), name="aicsd-standin", daemon=True
+        )
         self._thread.start()
 
     def stop(self) -> None:
@@ -422,7 +424,7 @@ class AicsdStandIn:
             path = Path(listed["dirname"]) / listed["name"]
             try:
                 to_viewable_jpeg(path)
-            except Exception as exc:  # noqa: BLE001 - any failure to open or convert is the file sender's 500
+            except Exception as exc:
                 return f"failed to convert {path} to a viewable image: {exc}"
             state.viewable.append(viewable_name(listed["name"], listed["extension"]))
         return None
@@ -470,7 +472,7 @@ class _Handler(BaseHTTPRequestHandler):
     do_POST = _serve
     do_GET = _serve
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - signature of the base class
+    def log_message(self, format: str, *args: Any) -> None:
         log.debug(format, *args)
 
 

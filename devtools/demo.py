@@ -22,7 +22,6 @@ from PIL import Image
 from .aicsd_standin import AicsdStandIn
 from .servers import REPO, Bridge, Broker, broker_kind, publish, serve_bento, stop_process
 
-
 CLASSIFIER, COUNTER = "ovms/efficientnet-lite0", "ovms/cell-counter"
 
 
@@ -30,9 +29,9 @@ def sample_images(folder: Path) -> list[tuple[Path, str]]:
     """Real photos from scikit-image in the formats instruments produce, plus one broken file, for
     a task of the classification pipeline; a synthetic fluorescence image for a task of the
     counting pipeline. Each with the pipeline its task was created with in AiCSD's web UI."""
-    from .synthetic_blobs import make_image
-
     from skimage import data
+
+    from .synthetic_blobs import make_image
 
     folder.mkdir(parents=True, exist_ok=True)
     cat, coffee = data.chelsea(), data.coffee()
@@ -126,9 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         failures += 1
     finally:
         for server in reversed(started):
-            if isinstance(server, Bridge):
-                server.stop()
-            elif isinstance(server, Broker):
+            if isinstance(server, (Bridge, Broker)):
                 server.stop()
             else:
                 stop_process(server.process)  # type: ignore[attr-defined]

@@ -18,9 +18,10 @@ from pathlib import Path
 from aicsd.errors import PipelineError, SettingsError
 from aicsd.job import ModelParams
 from aicsd.logs import configure_logging
-from .model_repository import ModelRepository
 from serving.runner import PipelineRunner
 from serving.settings import Settings
+
+from .model_repository import ModelRepository
 
 
 def _param(text: str) -> tuple[str, str]:

@@ -7,12 +7,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .base import PipelineTask
 from aicsd.errors import ModelError
-from .images import load_rgb
 from aicsd.job import ModelParams
-from .model_repository import CompiledModel
 from aicsd.outcome import PipelineOutcome
+
+from .base import PipelineTask
+from .images import load_rgb
+from .model_repository import CompiledModel
 from .parameters import Param, ParameterSchema
 
 __all__ = ["Classification", "ClassificationParams", "ClassificationPipeline", "Prediction", "to_probabilities"]

@@ -24,14 +24,15 @@ import numpy as np
 import tifffile
 from PIL import Image, ImageDraw
 
-from .base import PipelineTask
 from aicsd.errors import ModelError, ParameterError
-from .images import read_pages, to_rgb8
 from aicsd.job import ModelParams
+from aicsd.outcome import OutputFile, PipelineOutcome
+
+from .base import PipelineTask
+from .images import read_pages, to_rgb8
 from .model_repository import CompiledModel, ModelInfo
 from .output_files import publish_together
 from .parameters import Param, ParameterSchema
-from aicsd.outcome import OutputFile, PipelineOutcome
 
 __all__ = ["TABLE_COLUMNS", "Blob", "CountingParams", "CountingPipeline", "PageQuality", "blob_table", "page_quality"]
 

@@ -172,10 +172,13 @@ class _Part(NamedTuple):
 
     def pixels(self, first_plane_only: bool) -> int:
         """Pixels to decode, samples not counted: of its first plane only, or of all its planes."""
-        return math.prod(n for n, a in zip(self.shape, self.axes) if (a in "YX" if first_plane_only else a != "S"))
+        counted = "YX" if first_plane_only else None
+        return math.prod(
+            n for n, a in zip(self.shape, self.axes, strict=False) if (a in counted if counted else a != "S")
+        )
 
     def bytes_per_pixel(self) -> int:
-        samples = math.prod(n for n, a in zip(self.shape, self.axes) if a == "S")
+        samples = math.prod(n for n, a in zip(self.shape, self.axes, strict=False) if a == "S")
         return samples * self.dtype.itemsize
 
 
@@ -243,7 +246,7 @@ def _check_tiff_data(page: tifffile.TiffPage, name: str, file_size: int) -> None
     height, width = page.imagelength, page.imagewidth
     if not counts or any(c <= 0 for c in counts):
         raise _incomplete(name, width, height, "some of its strips or tiles hold no data")
-    if any(o + c > file_size for o, c in zip(offsets, counts)):
+    if any(o + c > file_size for o, c in zip(offsets, counts, strict=False)):
         raise _incomplete(name, width, height, f"its data runs past the end of the file ({file_size:,} bytes)")
     if page.compression == 1:
         needed_bits = page.imagedepth * height * width * page.samplesperpixel * page.bitspersample
@@ -265,7 +268,7 @@ def _split_pages(data: np.ndarray, shape: tuple[int, ...], axes: str) -> list[np
 def _open_pillow(handle: BinaryIO, name: str, kind: str, max_pixels: int) -> ImageFile.ImageFile:
     """Open a PNG, JPEG or BMP (header only), check its size against `max_pixels` and that the
     file holds enough data for that size."""
-    image = _PILLOW_CLASSES[kind](handle)
+    image = _PILLOW_CLASSES[kind](handle)  # type: ignore[abstract]  # each class is a concrete plugin
     try:
         _check_pixels(name, image.width * image.height, max_pixels)
         size = _file_size(handle)
@@ -318,7 +321,8 @@ def _check_jpeg_data(handle: BinaryIO, name: str, file_size: int, width: int, he
     if available * 8 < blocks * bits_per_block:
         needed = -(-blocks * bits_per_block // 8)
         raise _incomplete(
-            name, width, height, f"holds only {available:,} bytes of coded data where that size needs at least {needed:,}"
+            name, width, height,
+            f"holds only {available:,} bytes of coded data where that size needs at least {needed:,}",
         )
 
 
@@ -567,10 +571,10 @@ def _box_sum(planes: np.ndarray, step: int) -> np.ndarray:
     small_ints = planes.dtype.kind in "ub" and planes.dtype.itemsize <= 2 and step < 256
     rows = planes[0:height:step, :width].astype(np.uint32 if small_ints else np.float64)
     for i in range(1, step):
-        rows += planes[i:height:step, :width]
+        np.add(rows, planes[i:height:step, :width], out=rows)
     blocks = rows[:, 0:width:step].copy()
     for j in range(1, step):
-        blocks += rows[:, j:width:step]
+        np.add(blocks, rows[:, j:width:step], out=blocks)
     return blocks
 
 

@@ -136,7 +136,7 @@ class ModelApiModel:
             self.schema: ParameterSchema = self.family.schema(self.wrapper)
         except ModelError:
             raise
-        except Exception as exc:  # noqa: BLE001 - the library raises WrapperError, ValueError, KeyError ...
+        except Exception as exc:
             raise ModelError(f"model '{name}' (model_type {model_type}) cannot be served by openvino-model-api: "
                              f"{exc}") from None
         self.adapter = adapter
@@ -165,7 +165,7 @@ class ModelApiModel:
             finally:
                 self._pool.put(request)
             return self.wrapper.postprocess(raw, meta)
-        except Exception as exc:  # noqa: BLE001 - any failure inside the library is the model's failure
+        except Exception as exc:
             raise ModelError(f"model '{self.name}' failed to run: {exc}") from None
 
 

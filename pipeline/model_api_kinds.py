@@ -139,8 +139,10 @@ class MultiClass(Family):
 
     def summarise(self, result: ClassificationResult, values: Mapping[str, Any], labels: Sequence[str]) -> Summary:
         top = sorted(result.top_labels or [], key=lambda lab: -float(lab.confidence))[: values["TopK"]]
-        body = [{"label": lab.name or _label(labels, int(lab.id)), "index": int(lab.id), "score": _score(lab.confidence)}
-                for lab in top]
+        body = [
+            {"label": lab.name or _label(labels, int(lab.id)), "index": int(lab.id), "score": _score(lab.confidence)}
+            for lab in top
+        ]
         flags = [LOW_CONFIDENCE] if not top or float(top[0].confidence) < values["MinConfidence"] else []
         return Summary({"model": "", "top": body}, flags)
 
@@ -159,8 +161,10 @@ class MultiLabel(Family):
     def summarise(self, result: ClassificationResult, values: Mapping[str, Any], labels: Sequence[str]) -> Summary:
         kept = [lab for lab in result.top_labels or [] if float(lab.confidence) >= values["ConfidenceThreshold"]]
         kept.sort(key=lambda lab: -float(lab.confidence))
-        body = [{"Label": lab.name or _label(labels, int(lab.id)), "Index": int(lab.id), "Score": _score(lab.confidence)}
-                for lab in kept]
+        body = [
+            {"Label": lab.name or _label(labels, int(lab.id)), "Index": int(lab.id), "Score": _score(lab.confidence)}
+            for lab in kept
+        ]
         return Summary({"Count": len(body), "Labels": body}, [] if body else [NO_LABELS])
 
 
@@ -228,7 +232,7 @@ def _instance_class_map(masks: np.ndarray, order: Sequence[int], label_indices: 
     if first.ndim != 2:
         return None
     class_map = np.zeros(first.shape, np.int32)
-    for i, index in reversed(list(zip(order, label_indices))):  # the best object is painted last, on top
+    for i, index in reversed(list(zip(order, label_indices, strict=False))):  # the best object is painted last, on top
         mask = np.asarray(masks[i])
         if mask.shape == class_map.shape:
             class_map[mask > 0.5] = index + 1
@@ -318,7 +322,7 @@ class Keypoints(Family):
         points = np.asarray(result.keypoints, np.float64).reshape(-1, 2)
         scores = np.asarray(result.scores, np.float64).reshape(-1)
         body, drawn = [], []
-        for i, ((x, y), score) in enumerate(zip(points, scores)):
+        for i, ((x, y), score) in enumerate(zip(points, scores, strict=False)):
             if score > 0 and score >= values["MinScore"]:  # the library scores a keypoint it did not find 0
                 body.append({"Label": _label(labels, i), "X": round(float(x), 1), "Y": round(float(y), 1),
                              "Score": _score(score)})

@@ -130,7 +130,6 @@ class CompiledModel:
         self.compiled = compiled
         shape = compiled.input(0).get_partial_shape()
         self.input_shape = shape
-        self.input_type = compiled.input(0).get_element_type()
         self.output_names = [out.get_any_name() for out in compiled.outputs]
         nreq = max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
         self._pool: queue.Queue[ov.InferRequest] = queue.Queue()
@@ -150,7 +149,7 @@ class CompiledModel:
             return (shape[2].get_length(), shape[1].get_length())
         return None
 
-    def infer(self, inputs: np.ndarray | Mapping[Any, np.ndarray]) -> dict[str, np.ndarray]:
+    def infer(self, inputs: np.ndarray | Mapping[Any, np.ndarray | np.generic]) -> dict[str, np.ndarray]:
         """Run one inference on a request from the pool; outputs are copied out before it returns."""
         request = self._pool.get()
         try:
@@ -276,7 +275,8 @@ class ModelRepository:
 def no_model_file(entry: ModelEntry) -> ModelError:
     """What a job naming a model directory with no model file is told."""
     return ModelError(
-        f"model '{entry.name}' has no model file in {entry.directory}/{entry.version} (an .xml+.bin IR or an .onnx file)"
+        f"model '{entry.name}' has no model file in {entry.directory}/{entry.version} "
+        "(an .xml+.bin IR or an .onnx file)"
     )
 
 
@@ -361,7 +361,8 @@ def _fold_preprocessing(model: ov.Model, info: ModelInfo, name: str) -> ov.Model
     if len(model.inputs) != 1:
         return model
     shape = model.input(0).get_partial_shape()
-    if not (shape.rank.is_static and shape.rank.get_length() == 4 and shape[1].is_static and shape[1].get_length() == 3):
+    image_like = shape.rank.is_static and shape.rank.get_length() == 4 and shape[1].is_static
+    if not (image_like and shape[1].get_length() == 3):
         return model
     ppp = PrePostProcessor(model)
     tensor = ppp.input().tensor()

@@ -74,7 +74,7 @@ def publish_together(
             finals = [_numbered(name, number) for name, _ in files]
             linked: list[str] = []
             try:
-                for temporary, final in zip(temporaries, finals):
+                for temporary, final in zip(temporaries, finals, strict=False):
                     # Fails if `final` exists: nothing is overwritten.
                     os.link(temporary, final, src_dir_fd=folder.fd, dst_dir_fd=folder.fd, follow_symlinks=False)
                     linked.append(final)

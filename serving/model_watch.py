@@ -180,10 +180,7 @@ class ModelWatcher:
             return ModelState(name, entry.version, serving=False, note="no model")
         served = self._loaded.get(name)
         failed = self._failed.get(name)
-        if failed is not None and failed[0] == entry:
-            pending = f"cannot be loaded: {failed[1]}"
-        else:
-            pending = "loading"
+        pending = f"cannot be loaded: {failed[1]}" if failed is not None and failed[0] == entry else "loading"
         if served is None:
             return ModelState(name, entry.version, serving=False, note=pending)
         if served == entry:

@@ -11,6 +11,7 @@ import pytest
 
 from devtools.aicsd_standin import AicsdStandIn
 from devtools.servers import Service, serve_bento, stop_process
+
 from .tiny_models import channel_mean_classifier, write_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -89,8 +90,8 @@ def client() -> Iterator[httpx.Client]:
 @pytest.fixture(scope="session")
 def photos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Real photos nobody here made, from scikit-image's bundled data, as PNG files."""
-    from skimage import data
     from PIL import Image
+    from skimage import data
 
     folder = tmp_path_factory.mktemp("photos")
     out = {}

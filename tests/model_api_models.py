@@ -176,7 +176,7 @@ def colour_instance_segmenter(size: int = SIZE) -> ov.Model:
     image = _image(size)
     boxes, scores = _box_rows(image, size, pixels=True)
     rows = [ops.concat([box, ops.reshape(score, np.array([1, 1], np.int64), False)], 1)
-            for box, score in zip(boxes, scores)]
+            for box, score in zip(boxes, scores, strict=False)]
     boxes_out = ops.reshape(ops.concat(rows, 0), np.array([1, 3, 5], np.int64), False)
     boxes_out.output(0).get_tensor().set_names({"boxes"})
     labels = ops.add(ops.multiply(ops.convert(ops.reduce_max(image, np.array([1, 2, 3], np.int64), keep_dims=False),
@@ -223,7 +223,7 @@ def colour_yolo(size: int = SIZE) -> ov.Model:
     image = _image(size)
     boxes, scores = _box_rows(image, size, pixels=True)
     columns = []
-    for c, (box, score) in enumerate(zip(boxes, scores)):
+    for c, (box, score) in enumerate(zip(boxes, scores, strict=False)):
         x0, y0, x1, y1 = (ops.gather(box, np.int64(i), np.int64(1)) for i in range(4))  # [1] each
         centre_w = [ops.divide(ops.add(x0, x1), np.float32(2)), ops.divide(ops.add(y0, y1), np.float32(2)),
                     ops.subtract(x1, x0), ops.subtract(y1, y0)]

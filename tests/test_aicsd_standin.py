@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from devtools.aicsd_standin import AicsdStandIn, parse_job_update, ContractError
+from devtools.aicsd_standin import AicsdStandIn, ContractError, parse_job_update
 
 GOOD = {
     "Status": "PipelineComplete",
@@ -168,9 +168,9 @@ def test_sink_mode_registers_jobs_on_their_first_update_and_lists_when_they_ende
 
 
 def write_images(folder):
-    from PIL import Image
     import numpy as np
     import tifffile
+    from PIL import Image
 
     pixels = np.zeros((8, 8, 3), np.uint8)
     tifffile.imwrite(folder / "a-counted.tiff", pixels, photometric="rgb")

@@ -90,7 +90,7 @@ def test_published_jobs_reach_aicsd_as_one_update_then_one_status_each(
     bridges, broker, service, aicsd, file_root, image, tmp_path
 ):
     bridge = start_bridge(bridges, tmp_path / "bridge", service.url, broker)
-    jobs, payloads = zip(*(job_payload(aicsd, image, file_root / "output") for _ in range(5)))
+    jobs, payloads = zip(*(job_payload(aicsd, image, file_root / "output") for _ in range(5)), strict=False)
     publish(broker.port, [json.dumps(p) for p in payloads])
     assert_exactly_once(aicsd, jobs)
     put = aicsd.requests_for(jobs[0].job_id)[0]
@@ -184,7 +184,7 @@ def test_bridge_killed_mid_stream_and_restarted_processes_all_50_jobs_exactly_on
                     " (unacknowledged ones are not sent again)")
     folder = tmp_path / "bridge"
     bridge = start_bridge(bridges, folder, service.url, broker)
-    jobs, payloads = zip(*(job_payload(aicsd, image, file_root / "output") for _ in range(50)))
+    jobs, payloads = zip(*(job_payload(aicsd, image, file_root / "output") for _ in range(50)), strict=False)
     publisher = threading.Thread(target=publish, args=(broker.port, [json.dumps(p) for p in payloads]),
                                  kwargs={"interval": 0.02})
     publisher.start()
@@ -204,11 +204,11 @@ def test_broker_restarted_mid_stream_the_bridge_reconnects_and_jobs_flow(
         pytest.skip(f"needs Mosquitto: {broker.kind} does not keep a persistent session's messages"
                     " across a broker restart")
     bridge = start_bridge(bridges, tmp_path / "bridge", service.url, broker)
-    first, payloads = zip(*(job_payload(aicsd, image, file_root / "output") for _ in range(10)))
+    first, payloads = zip(*(job_payload(aicsd, image, file_root / "output") for _ in range(10)), strict=False)
     publish(broker.port, [json.dumps(p) for p in payloads])
     broker.restart()
     bridge.wait_for_log("subscribed to", count=2, timeout=60)
-    second, payloads = zip(*(job_payload(aicsd, image, file_root / "output") for _ in range(10)))
+    second, payloads = zip(*(job_payload(aicsd, image, file_root / "output") for _ in range(10)), strict=False)
     publish(broker.port, [json.dumps(p) for p in payloads])
     assert_exactly_once(aicsd, first + second, timeout=90)
 
@@ -221,7 +221,7 @@ def test_jobs_published_while_the_bridge_is_away_are_kept_by_the_broker(
                     " while its client is away")
     bridge = start_bridge(bridges, tmp_path / "bridge", service.url, broker)
     bridge.stop()
-    jobs, payloads = zip(*(job_payload(aicsd, image, file_root / "output") for _ in range(5)))
+    jobs, payloads = zip(*(job_payload(aicsd, image, file_root / "output") for _ in range(5)), strict=False)
     publish(broker.port, [json.dumps(p) for p in payloads])
     bridge.start()
     assert_exactly_once(aicsd, jobs)
@@ -232,7 +232,7 @@ def test_service_down_for_20_seconds_jobs_are_delivered_when_it_returns(
 ):
     port = free_port()
     bridge = start_bridge(bridges, tmp_path / "bridge", f"http://127.0.0.1:{port}", broker)
-    jobs, payloads = zip(*(job_payload(aicsd, image, file_root / "output") for _ in range(5)))
+    jobs, payloads = zip(*(job_payload(aicsd, image, file_root / "output") for _ in range(5)), strict=False)
     publish(broker.port, [json.dumps(p) for p in payloads])
     bridge.wait_for_log("service unreachable", timeout=20)
     time.sleep(20)
@@ -261,7 +261,7 @@ def test_two_bridges_in_a_shared_group_process_40_jobs_exactly_once_between_them
     shared = {"mqtt": {"shared_group": "pipelines"}}
     one = start_bridge(bridges, tmp_path / "one", service.url, broker, **shared)
     two = start_bridge(bridges, tmp_path / "two", service.url, broker, **shared)
-    jobs, payloads = zip(*(job_payload(aicsd, image, file_root / "output") for _ in range(40)))
+    jobs, payloads = zip(*(job_payload(aicsd, image, file_root / "output") for _ in range(40)), strict=False)
     publish(broker.port, [json.dumps(p) for p in payloads])
     assert_exactly_once(aicsd, jobs, timeout=120)
     deadline = time.monotonic() + 10

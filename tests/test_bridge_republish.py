@@ -71,7 +71,7 @@ class StandInService:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/classify"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    def __enter__(self) -> StandInService:  # noqa: PYI034 - Python 3.10 has no typing.Self
+    def __enter__(self) -> StandInService:
         self.thread.start()
         return self
 

@@ -87,7 +87,7 @@ def test_full_spool_disk_holds_messages_unacknowledged_and_the_bridge_recovers_w
         publish(broker.port, [json.dumps(payload)])
         assert_exactly_once(aicsd, [first])
         filler = fill(small_disk)
-        jobs, payloads = zip(*(job_payload(aicsd, image, file_root / "output") for _ in range(20)))
+        jobs, payloads = zip(*(job_payload(aicsd, image, file_root / "output") for _ in range(20)), strict=False)
         publish(broker.port, [json.dumps(p) for p in payloads])
         bridge.wait_for_log("cannot store message", timeout=30)
         bridge.wait_for_log("broker=connected spool=failing (", timeout=30)

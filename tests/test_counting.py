@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import tifffile
 
-from devtools.synthetic_blobs import make_image, match
-from aicsd.logs import JobLog
-from pipeline.base import OutputFolder, PipelineTask
-from pipeline.counting import CountingParams, CountingPipeline, _gray, page_quality
 from aicsd.errors import ParameterError
 from aicsd.job import ModelParams
+from aicsd.logs import JobLog
+from devtools.synthetic_blobs import make_image, match
+from pipeline.base import OutputFolder, PipelineTask
+from pipeline.counting import CountingParams, CountingPipeline, _gray, page_quality
 from pipeline.model_repository import ModelRepository
 from pipeline.output_files import publish_together
 
@@ -109,7 +109,7 @@ def test_multi_page_16_bit_tiff_counts_every_page_and_lists_only_the_annotated_t
     tifffile.imwrite(image, np.stack(pages), photometric="minisblack")
     outcome = run(counter, image, tmp_path)
     results = json.loads(outcome.results)
-    assert list(results)[0] == "CellCount"
+    assert next(iter(results)) == "CellCount"
     assert results["Pages"] == [pytest.approx(20, abs=1), pytest.approx(30, abs=1)]
     assert results["CellCount"] == sum(results["Pages"])
     assert outcome.qc_flags == ""
@@ -131,7 +131,7 @@ def test_pages_of_different_sizes_are_all_counted_and_annotated_at_their_own_siz
     sizes = (256, 192)
     image = tmp_path / "mixed.tiff"
     with tifffile.TiffWriter(image) as tif:
-        for seed, size in zip((31, 32), sizes):
+        for seed, size in zip((31, 32), sizes, strict=False):
             tif.write(make_image(seed, bits=16, count=12, touching_pairs=0, size=size).pixels)
     outcome = run(counter, image, tmp_path)
     assert outcome.status == "PipelineComplete", outcome.results

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from helper import CallbackAnswer, CallbackReport, RetryPolicy, create_inference_response, job_update_body
 from aicsd.outcome import OutputFile, PipelineOutcome
+from helper import CallbackAnswer, CallbackReport, RetryPolicy, create_inference_response, job_update_body
 
 
 def test_complete_outcome_body_has_string_fields_and_an_array_of_output_files():

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from aicsd.job import CallbackUrls
+from aicsd.outcome import OutputFile, PipelineOutcome
 from helper import (
     AicsdClient,
     RetryPolicy,
@@ -13,8 +15,6 @@ from helper import (
     send_pipeline_inference_results,
     send_pipeline_status,
 )
-from aicsd.job import CallbackUrls
-from aicsd.outcome import OutputFile, PipelineOutcome
 
 
 def test_seed_functions_update_the_job_then_report_the_status(aicsd, tmp_path):

@@ -84,7 +84,7 @@ def test_multi_page_tiff_gives_every_page_and_first_only_gives_one(tmp_path):
     tifffile.imwrite(path, stack, photometric="minisblack")
     pages = read_pages(path, max_pixels=LIMIT)
     assert len(pages) == 3
-    for page, expected in zip(pages, stack):
+    for page, expected in zip(pages, stack, strict=False):
         np.testing.assert_array_equal(page, expected)
     [first] = read_pages(path, max_pixels=LIMIT, first_only=True)
     np.testing.assert_array_equal(first, stack[0])
@@ -388,7 +388,7 @@ def test_pillow_own_bomb_limit_does_not_apply_and_is_left_alone(tmp_path, monkey
     Image.fromarray(np.zeros((50, 50, 3), np.uint8)).save(path, fmt)
     assert read_pages(path, max_pixels=LIMIT)[0].shape == (50, 50, 3)
     assert load_rgb(path, size=(20, 20), max_pixels=LIMIT).shape == (20, 20, 3)
-    assert Image.MAX_IMAGE_PIXELS == pillow_limit
+    assert pillow_limit == Image.MAX_IMAGE_PIXELS
 
 
 @pytest.mark.parametrize(

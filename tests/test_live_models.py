@@ -172,7 +172,7 @@ def copy_in_pieces(
         if piece == chunks - 1:
             before_last()
         _, listed = watched.listing()
-        for (_, target), data in zip(copies, datas):
+        for (_, target), data in zip(copies, datas, strict=False):
             name = target.parent.name
             assert listed.get(name, {}).get("description") != f"{name} version {target.name}", "half-copied"
             step = len(data) // chunks + 1

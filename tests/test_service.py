@@ -16,8 +16,9 @@ import pytest
 import tifffile
 from PIL import Image
 
-from .conftest import copy_into
 from devtools.servers import free_port
+
+from .conftest import copy_into
 
 pytestmark = pytest.mark.integration
 
@@ -104,7 +105,7 @@ class TestInputs:
         coffee = np.asarray(Image.open(photos["coffee"]).resize(cat.shape[1::-1]))
         image = file_root / "input" / f"{uuid.uuid4()}.tiff"
         tifffile.imwrite(image, np.stack([cat, coffee]), photometric="rgb")
-        job, body = job_body(aicsd, image, file_root / "output")
+        _job, body = job_body(aicsd, image, file_root / "output")
         assert top(classify(client, service, body))[0]["index"] in CAT
 
     def test_grayscale_16_bit_tiff_is_accepted(self, service, aicsd, client, file_root, photos):
@@ -128,7 +129,7 @@ class TestInputs:
         pixels = np.zeros((16, 16, 3), np.uint8)
         pixels[..., 2] = 255
         Image.fromarray(pixels).save(image)
-        job, body = job_body(aicsd, image, file_root / "output", Model="tiny", TopK="2")
+        _job, body = job_body(aicsd, image, file_root / "output", Model="tiny", TopK="2")
         results = json.loads(classify(client, service, body).json()["Results"])
         assert results["model"] == "tiny"
         assert [t["label"] for t in results["top"]] == ["blue", "red"]

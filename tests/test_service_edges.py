@@ -106,7 +106,7 @@ def test_a_callback_url_with_a_character_that_is_not_ascii_gets_a_4xx_naming_the
 
 def test_a_refused_request_is_one_warning_line_in_the_service_log(service, aicsd, client, file_root):
     marker = f"refused-{uuid.uuid4().hex}"
-    job, body = job_body(aicsd, file_root)
+    _job, body = job_body(aicsd, file_root)
     body["JobUpdateUrl"] = f"http://127.0.0.1:9/{marker}"
     before = len(service.log_text())
     response = client.post(f"{service.url}/classify", json=body)
@@ -130,7 +130,7 @@ def test_a_request_the_framework_refuses_is_one_warning_line_too(service, client
 
 def test_a_newline_in_the_input_file_location_cannot_forge_a_log_line(service, aicsd, client, file_root):
     marker = f"forge-{uuid.uuid4().hex}"
-    job, body = job_body(aicsd, file_root)
+    _job, body = job_body(aicsd, file_root)
     body["InputFileLocation"] = f"{file_root}/input/{marker}.png\n{FORGED}\r\n{FORGED}"
     before = len(service.log_text())
     response = client.post(f"{service.url}/classify", json=body)
@@ -158,7 +158,7 @@ def test_a_10_mb_gateway_ip_is_refused_naming_the_field_in_one_short_log_line(se
 def test_a_long_input_path_is_cut_in_the_log_and_says_how_long_it_was(service, aicsd, client, file_root):
     marker = f"long-{uuid.uuid4().hex}"
     path = str(file_root / "input" / (marker + "x" * 3000 + ".png"))
-    job, body = job_body(aicsd, file_root, InputFileLocation=path)
+    _job, body = job_body(aicsd, file_root, InputFileLocation=path)
     before = len(service.log_text())
     response = client.post(f"{service.url}/classify", json=body)
     assert response.status_code == 200 and response.json()["Status"] == "PipelineFailed"
