@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from devtools.aicsd_standin import AicsdStandIn
-from devtools.servers import Service, serve_bento, stop_process
+from devtools.servers import Broker, Service, serve_bento, stop_process
 
 from .tiny_models import channel_mean_classifier, write_model
 
@@ -106,6 +106,29 @@ def copy_into(root: Path, source: Path, name: str | None = None) -> Path:
     target = root / "input" / (name or source.name)
     shutil.copyfile(source, target)
     return target
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    """An MQTT broker of this test's own on a free loopback port: Mosquitto, else amqtt."""
+    running = Broker(tmp_path / "broker").start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture(scope="module")
+def image(file_root: Path) -> Path:
+    """A small all-blue PNG in the gateway's input folder (the `tiny` model says `blue`)."""
+    import numpy as np
+    from PIL import Image
+
+    path = file_root / "input" / "bridge-blue.png"
+    pixels = np.zeros((16, 16, 3), np.uint8)
+    pixels[..., 2] = 255
+    Image.fromarray(pixels).save(path)
+    return path
 
 
 @pytest.fixture(scope="session")

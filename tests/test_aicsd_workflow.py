@@ -179,16 +179,6 @@ class TestAJobThatComesAgain:
 class TestThroughTheBrokerAndTheBridge:
     """AiCSD-shaped jobs published on the broker, as EdgeX does, through a real bridge process."""
 
-    @pytest.fixture
-    def broker(self, tmp_path: Path):
-        from devtools.servers import Broker, broker_kind
-
-        running = Broker(tmp_path / "broker", kind=broker_kind()).start()
-        try:
-            yield running
-        finally:
-            running.stop()
-
     @staticmethod
     def payload(job, image: Path, output: Path) -> str:
         body = body_for(job, image, output)

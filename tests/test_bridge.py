@@ -13,38 +13,13 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from devtools.servers import Bridge, Broker, free_port, publish, serve_bento, stop_process
 
 pytestmark = pytest.mark.integration
 
 TOPIC = "mqtt-export/pipeline/params"
-
-
-def blue_image(file_root: Path) -> Path:
-    """A small all-blue PNG in the gateway's input folder (the `tiny` model says `blue`)."""
-    path = file_root / "input" / "bridge-blue.png"
-    pixels = np.zeros((16, 16, 3), np.uint8)
-    pixels[..., 2] = 255
-    Image.fromarray(pixels).save(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def image(file_root: Path) -> Path:
-    return blue_image(file_root)
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    running = Broker(tmp_path / "broker").start()
-    try:
-        yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture

@@ -160,15 +160,6 @@ def watch(port: int, topic: str) -> Iterator[queue.Queue]:
         client.loop_stop()
 
 
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    running = Broker(tmp_path / "broker").start()
-    try:
-        yield running
-    finally:
-        running.stop()
-
-
 def test_bridge_says_online_retained_and_offline_when_stopped_with_sigterm(broker, bridges, tmp_path):
     bridge = new_bridge(tmp_path / "bridge", broker.port)
     bridges.append(bridge)

@@ -24,23 +24,9 @@ import pytest
 from bridge.spool import Spool
 from devtools.servers import Bridge, Broker, free_port, publish
 
-from .test_bridge import blue_image, job_payload
+from .test_bridge import job_payload
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    running = Broker(tmp_path / "broker").start()
-    try:
-        yield running
-    finally:
-        running.stop()
-
-
-@pytest.fixture(scope="module")
-def image(file_root: Path) -> Path:
-    return blue_image(file_root)
 
 
 class StandInService:

@@ -19,23 +19,9 @@ import pytest
 
 from devtools.servers import Bridge, Broker, publish
 
-from .test_bridge import assert_exactly_once, blue_image, job_payload
+from .test_bridge import assert_exactly_once, job_payload
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    running = Broker(tmp_path / "broker").start()
-    try:
-        yield running
-    finally:
-        running.stop()
-
-
-@pytest.fixture(scope="module")
-def image(file_root: Path) -> Path:
-    return blue_image(file_root)
 
 
 @pytest.fixture

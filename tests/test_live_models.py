@@ -41,6 +41,7 @@ def ballast_classifier(labels: str, folder: Path) -> Path:
     out.output(0).get_tensor().set_names({"logits"})
     model = ov.Model([out], [image], "ballast")
     model.set_rt_info("Classification", ["model_info", "model_type"])
+    model.set_rt_info("Classification", ["model_info", "aicsd_pipeline"])  # our classifier: RGB in
     model.set_rt_info(labels, ["model_info", "labels"])
     folder.mkdir(parents=True, exist_ok=True)
     ov.save_model(model, folder / "model.xml", compress_to_fp16=False)
