@@ -22,6 +22,7 @@ import threading
 from dataclasses import dataclass
 
 from aicsd.errors import PipelineError
+from pipeline.base import Pipeline
 from pipeline.model_repository import ModelEntry, ModelRepository, ModelUnreadable, no_model_file
 
 from .runner import PipelineRunner
@@ -41,6 +42,8 @@ class ModelState:
     serving: bool
     note: str = ""
     """What else is true: 'no model', 'loading', or why the version found cannot be loaded."""
+    parameters: str = ""
+    """The served pipeline's ModelParams, as a person types them in AiCSD's task form."""
 
     @property
     def description(self) -> str:
@@ -49,7 +52,8 @@ class ModelState:
                 return f"{self.name} (no model)"
             return f"{self.name} version {self.version} ({self.note})"
         served = f"{self.name} version {self.version}"
-        return f"{served} ({self.note})" if self.note else served
+        served = f"{served} ({self.note})" if self.note else served
+        return f"{served}; parameters: {self.parameters}" if self.parameters else served
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,7 @@ class ModelWatcher:
         self._loaded: dict[str, ModelEntry] = {}  # what each served pipeline was built from
         self._failed: dict[str, tuple[ModelEntry, str]] = {}  # versions that read but do not load
         self._unreadable: dict[str, ModelEntry] = {}  # versions that do not read (yet)
+        self._parameters: dict[str, str] = {}  # each served pipeline's ModelParams, for listings
         self._view = ModelsView(0, ())
         self._polls = 0
         self._stop = threading.Event()
@@ -165,6 +170,7 @@ class ModelWatcher:
             self.runner.note_problem(name, problem)
             return
         self.runner.install(name, pipeline)
+        self._parameters[name] = parameters_text(pipeline)
         self._loaded[name] = entry
         self._failed.pop(name, None)
         self._unreadable.pop(name, None)
@@ -183,6 +189,26 @@ class ModelWatcher:
         pending = f"cannot be loaded: {failed[1]}" if failed is not None and failed[0] == entry else "loading"
         if served is None:
             return ModelState(name, entry.version, serving=False, note=pending)
+        parameters = self._parameters.get(name, "")
         if served == entry:
-            return ModelState(name, served.version, serving=True)
-        return ModelState(name, served.version, serving=True, note=f"version {entry.version} {pending}")
+            return ModelState(name, served.version, serving=True, parameters=parameters)
+        return ModelState(
+            name, served.version, serving=True, note=f"version {entry.version} {pending}", parameters=parameters
+        )
+
+
+def parameters_text(pipeline: Pipeline) -> str:
+    """A pipeline's declared ModelParams in one line: `Name=default (type, range)`, comma-separated."""
+    try:
+        declared = pipeline.describe().get("parameters") or []
+    except Exception:  # a listing must not fail because one kind cannot describe itself
+        return ""
+    parts = []
+    for param in declared if isinstance(declared, list) else []:
+        bounds = ""
+        if "choices" in param:
+            bounds = ", " + "|".join(str(c) for c in param["choices"])
+        elif "min" in param or "max" in param:
+            bounds = f", {param.get('min', '')}..{param.get('max', '')}"
+        parts.append(f"{param['name']}={param.get('default', '')} ({param.get('type', '')}{bounds})")
+    return ", ".join(parts)

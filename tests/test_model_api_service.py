@@ -61,7 +61,7 @@ def copy_model(service: Service, models_dir: Path, tmp_path: Path, name: str, wr
     with httpx.Client(timeout=10, trust_env=False) as client:
         while True:
             listing = {p["id"]: p["description"] for p in client.get(f"{service.url}/api/v1/pipelines").json()}
-            described = listing.get(f"ovms/{name}", "")
+            described = listing.get(f"ovms/{name}", "").split("; parameters: ")[0]
             if described == f"{name} version 1" or (not loads and "cannot be loaded" in described):
                 return
             assert time.monotonic() < deadline, listing

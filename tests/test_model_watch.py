@@ -38,7 +38,7 @@ def served_labels(watcher: ModelWatcher, name: str) -> tuple[str, ...]:
 
 
 def descriptions(watcher: ModelWatcher) -> dict[str, str]:
-    return {m.name: m.description for m in watcher.view.models}
+    return {m.name: m.description.split("; parameters: ")[0] for m in watcher.view.models}
 
 
 def test_a_new_version_is_served_on_the_second_look_that_finds_it_unchanged(tmp_path):

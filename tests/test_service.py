@@ -300,7 +300,8 @@ class TestServiceSurface:
         assert by_id["ovms/efficientnet-lite0"] == {
             "id": "ovms/efficientnet-lite0",
             "name": "efficientnet-lite0 OVMS Pipeline",
-            "description": "efficientnet-lite0 version 1",
+            "description": "efficientnet-lite0 version 1; parameters: TopK=5 (integer, 1..1000), "
+            "MinConfidence=0.2 (number, 0.0..1.0)",
             "subscriptionTopic": "ovms/efficientnet-lite0",
             "status": "Running",
         }
