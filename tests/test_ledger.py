@@ -39,6 +39,26 @@ def job(**changes: str) -> Job:
     return Job.from_request(JobRequest.model_validate({**SEED_EXAMPLE, **changes}), frozenset({"*"}))
 
 
+# What a process that claimed job-1 and was then killed had done: the rest of its script follows.
+CLAIMED_THEN = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from pipeline.base import OutputFolder\n"
+        "from pipeline.output_files import publish_together\n"
+        "from serving.ledger import JobLedger\n"
+        "key = ('job-1', 'task-1', 'digest-1')\n"
+        "ledger = JobLedger(Path(sys.argv[1]), keep_reported=60)\n"
+        "ledger.claim(key)\n"
+)
+
+
+def run_killed(rest: str, ledger_path: Path, out: Path) -> int:
+    """Run a process that claims job-1 in `ledger_path`, then does `rest` (ending in its death)."""
+    return subprocess.run(
+        [sys.executable, "-c", CLAIMED_THEN + rest, str(ledger_path), str(out)], cwd=REPO, check=False
+    ).returncode
+
+
 def test_a_new_job_is_run_then_reported_then_answered_from_the_ledger(tmp_path):
     ledger = ledger_at(tmp_path)
     assert ledger.claim(KEY).claim is Claim.RUN
@@ -117,14 +137,6 @@ def test_a_job_left_running_by_a_killed_process_runs_again_without_its_files(tmp
     out.mkdir()
     (out / "a-counted.tiff").write_bytes(b"another job's file")  # taken name: the run gets a-counted-1.tiff
     code = (
-        "import os, signal, sys\n"
-        "from pathlib import Path\n"
-        "from pipeline.base import OutputFolder\n"
-        "from pipeline.output_files import publish_together\n"
-        "from serving.ledger import JobLedger\n"
-        "key = ('job-1', 'task-1', 'digest-1')\n"
-        "ledger = JobLedger(Path(sys.argv[1]), keep_reported=60)\n"
-        "ledger.claim(key)\n"
         "folder = OutputFolder.open(Path(sys.argv[2]))\n"
         "def die_after_linking(handle):\n"
         "    handle.write(b'half a result')\n"
@@ -132,8 +144,7 @@ def test_a_job_left_running_by_a_killed_process_runs_again_without_its_files(tmp
         "                 record=lambda files: ledger.files_written(key, files))\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"
     )
-    crashed = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ledger.sqlite3"), str(out)], cwd=REPO)
-    assert crashed.returncode == -signal.SIGKILL
+    assert run_killed(code, tmp_path / "ledger.sqlite3", out) == -signal.SIGKILL
     assert sorted(p.name for p in out.iterdir()) == ["a-counted-1.tiff", "a-counted.tiff"]
 
     entry = ledger_at(tmp_path).claim(KEY)
@@ -146,14 +157,6 @@ def test_a_crash_mid_write_leaves_no_temporary_behind_after_the_rerun(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     code = (
-        "import os, signal, sys\n"
-        "from pathlib import Path\n"
-        "from pipeline.base import OutputFolder\n"
-        "from pipeline.output_files import publish_together\n"
-        "from serving.ledger import JobLedger\n"
-        "key = ('job-1', 'task-1', 'digest-1')\n"
-        "ledger = JobLedger(Path(sys.argv[1]), keep_reported=60)\n"
-        "ledger.claim(key)\n"
         "def write(handle):\n"
         "    handle.write(b'partial')\n"
         "def record_then_die(files):\n"
@@ -161,7 +164,7 @@ def test_a_crash_mid_write_leaves_no_temporary_behind_after_the_rerun(tmp_path):
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
         "publish_together(OutputFolder.open(Path(sys.argv[2])), [('b.tiff', write)], record=record_then_die)\n"
     )
-    subprocess.run([sys.executable, "-c", code, str(tmp_path / "ledger.sqlite3"), str(out)], cwd=REPO)
+    assert run_killed(code, tmp_path / "ledger.sqlite3", out) == -signal.SIGKILL
     assert [p.name for p in out.iterdir() if p.name.endswith(".partial")]
     assert ledger_at(tmp_path).claim(KEY).claim is Claim.RUN
     assert list(out.iterdir()) == []
