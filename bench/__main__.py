@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     # A line per request or per job would load the process that measures, and hide the progress
     # lines; the service and the bridge run at WARNING here for the same reason.
-    for noisy in ("httpx", "pipeline", "helper"):
+    for noisy in ("httpx", "aicsd", "pipeline", "serving", "helper"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     quick = args.quick
     stage_s = 1.0 if quick else 8.0
