@@ -225,6 +225,7 @@ class Bridge:
     """`python paho_mqtt_client.py <config>` as a real process.
 
     `prefix` runs it under another command (e.g. `unshare --mount ...`); `env` adds variables.
+    `metrics_port` serves its Prometheus metrics on 127.0.0.1 (0, the default here: none).
     """
 
     folder: Path
@@ -237,6 +238,11 @@ class Bridge:
     env: dict[str, str] = field(default_factory=dict)
     spool_path: Path | None = None
     broker_host: str = "127.0.0.1"
+    metrics_port: int = 0
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     @property
     def spool(self) -> Path:
@@ -265,6 +271,8 @@ class Bridge:
                 "retry_max": 2,
                 "status_interval": 1,
                 "callback_hosts": "127.0.0.1",
+                "metrics_address": "127.0.0.1",
+                "metrics_port": self.metrics_port,
                 **self.extra.get("bridge", {}),
             },
         }

@@ -103,6 +103,22 @@ bridge: {concurrency: 0, max_age: soon}
         assert load_config(write(tmp_path, text), env={}).log_level == "DEBUG"
         assert load_config(write(tmp_path, text), env={"BRIDGE_LOG_LEVEL": "warning"}).log_level == "WARNING"
 
+    def test_metrics_port_and_address_have_defaults_an_override_and_rules(self, tmp_path):
+        config = load_config(write(tmp_path, GOOD_CONFIG), env={})
+        assert (config.metrics_address, config.metrics_port) == ("0.0.0.0", 9464)
+        assert load_config(write(tmp_path, GOOD_CONFIG), env={"BRIDGE_METRICS_PORT": "0"}).metrics_port == 0
+        shipped = load_config(REPO / "pythonClientConfig.yaml", env={"BRIDGE_SERVICE_URL": "http://localhost:3000/classify",
+                                                                      "BRIDGE_GATEWAY_IP": "10.0.0.1"})
+        assert (shipped.metrics_address, shipped.metrics_port) == ("0.0.0.0", 9464)
+        text = GOOD_CONFIG + 'bridge: {concurrency: 0, metrics_port: 70000, metrics_address: "every interface"}\n'
+        with pytest.raises(ConfigError) as info:
+            load_config(write(tmp_path, text), env={})
+        keys = [p.split(":")[0] for p in info.value.problems]
+        assert keys == ["bridge.concurrency", "bridge.metrics_port", "bridge.metrics_address"]
+        with pytest.raises(ConfigError) as info:
+            load_config(write(tmp_path, GOOD_CONFIG), env={"BRIDGE_METRICS_PORT": "metrics"})
+        assert [p.split(":")[0] for p in info.value.problems] == ["bridge.metrics_port (from BRIDGE_METRICS_PORT)"]
+
     def test_missing_file_and_bad_yaml_are_reported(self, tmp_path):
         with pytest.raises(ConfigError, match="does not exist"):
             load_config(tmp_path / "nope.yaml", env={})
@@ -273,7 +289,7 @@ def test_tls_files_that_are_not_certificates_stop_start_up_with_one_line_and_exi
     junk = tmp_path / "ca.pem"
     junk.write_text("not a certificate\n")
     config = write(tmp_path, GOOD_CONFIG.replace("port: 1883}", f"port: 1883, tls: {{ca_certs: {junk}}}}}")
-                   + f"bridge: {{spool: {tmp_path / 'spool.db'}}}\n")
+                   + f"bridge: {{spool: {tmp_path / 'spool.db'}, metrics_port: 0}}\n")
     result = subprocess.run([sys.executable, "paho_mqtt_client.py", str(config)], capture_output=True, text=True,
                             cwd=REPO, timeout=60, check=False)
     assert result.returncode == 2, result.stderr
