@@ -340,9 +340,16 @@ def serve_bento(
     port: int | None = None,
     wait_for: str = "/readyz",
 ) -> Service:
-    """Start `bentoml serve TARGET` on a loopback port and wait until `wait_for` answers 200."""
+    """Start `bentoml serve TARGET` on a loopback port and wait until `wait_for` answers 200.
+
+    Each service gets a BentoML home of its own next to its log (unless `env` names one): BentoML
+    keeps its Prometheus files in `$BENTOML_HOME/prometheus_multiproc_dir` and every `bentoml
+    serve` empties that folder at start, so a second service in a shared home would stop the
+    first one's `/metrics` from counting.
+    """
     port = port or free_port()
-    full_env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True", **env}
+    home = log_path.with_name(f"{log_path.stem}-bentoml-home")
+    full_env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True", "BENTOML_HOME": str(home), **env}
     log_file = log_path.open("wb")
     process = subprocess.Popen(
         [str(Path(sys.executable).parent / "bentoml"), "serve", target, "--host", "127.0.0.1", "--port", str(port)],
