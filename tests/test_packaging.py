@@ -52,7 +52,7 @@ def test_run_mounts_aicsd_models_folder_and_serves_both(tmp_path):
 
 def test_the_bridge_container_publishes_its_metrics_port():
     assert "-p 9464:9464 " in make("-n", "run-mqtt-client").stdout
-    assert "-p 19464:9464 " in make("-n", "run-mqtt-client", "BRIDGE_METRICS_PORT=19464").stdout
+    assert "-p 19464:9464 " in make("-n", "run-mqtt-client", "BRIDGE_METRICS_HOST_PORT=19464").stdout
 
 
 def test_down_succeeds_quietly_when_nothing_is_running():
