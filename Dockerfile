@@ -22,6 +22,8 @@ COPY bridge/ bridge/
 COPY pythonClientConfig.yaml /config/pythonClientConfig.yaml
 
 USER bridge
+# Prometheus metrics (bridge.metrics_port in pythonClientConfig.yaml); publish with -p 9464:9464.
+EXPOSE 9464
 VOLUME ["/var/lib/bridge"]
 ENTRYPOINT ["python", "paho_mqtt_client.py"]
 CMD ["/config/pythonClientConfig.yaml"]

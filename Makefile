@@ -12,6 +12,8 @@ MODELS_DIR ?= models
 MQTT_CLIENT_IMAGE ?= paho_mqtt_client
 MQTT_CLIENT_CONFIG ?= $(CURDIR)/pythonClientConfig.yaml
 EDGEX_NETWORK ?= edgex_edgex-network
+# Host port for the bridge container's Prometheus metrics (bridge.metrics_port, 9464 inside).
+BRIDGE_METRICS_HOST_PORT ?= 9464
 GATEWAY_FILES ?= $(HOME)/data/gateway-files
 # The service's job ledger in the container: on the gateway-files volume, which outlives the
 # container and which the service can write (it writes its output files there).
@@ -118,7 +120,7 @@ docker-build-mqtt-client: ## Build the MQTT bridge image (paho_mqtt_client)
 
 run-mqtt-client: ## Start the bridge container on the EdgeX network with pythonClientConfig.yaml
 	docker volume create paho_mqtt_client_spool >/dev/null
-	docker run -itd --network=$(EDGEX_NETWORK) \
+	docker run -itd --network=$(EDGEX_NETWORK) -p $(BRIDGE_METRICS_HOST_PORT):9464 \
 		-v $(MQTT_CLIENT_CONFIG):/config/pythonClientConfig.yaml:ro \
 		-v paho_mqtt_client_spool:/var/lib/bridge \
 		$(MQTT_CLIENT_IMAGE):latest

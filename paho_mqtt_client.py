@@ -5,8 +5,9 @@
 Receives each AiCSD job from the broker, stores it durably (acknowledging it only then), and
 forwards it with `GatewayIP` added to the service's API with a fixed pool of workers. A job the
 service refuses, or one it never received in time, is reported to AiCSD as `PipelineFailed`.
-SIGTERM or SIGINT stops it cleanly. A start-up problem (bad configuration, a spool that cannot
-be written) is one line on stderr and exit code 2.
+Its Prometheus metrics are served on `bridge.metrics_port` (bridge/metrics.py). SIGTERM or SIGINT
+stops it cleanly. A start-up problem (bad configuration, a spool that cannot be written, a metrics
+port that cannot be listened on) is one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from aicsd.callbacks import AicsdClient
 from aicsd.logs import configure_logging
 from bridge.config import BridgeConfig, ConfigError, load_config
 from bridge.forwarder import Forwarder
+from bridge.metrics import bridge_registry, serve_metrics
 from bridge.receiver import Receiver
 from bridge.spool import Spool, SpoolError
 
@@ -86,6 +88,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: mqtt.tls: the certificate or key files cannot be used: {exc}", file=sys.stderr)
         spool.close()
         return EXIT_START_UP
+    try:
+        metrics = serve_metrics(config, bridge_registry(spool, receiver, forwarder, config.concurrency))
+    except OSError as exc:
+        print(f"error: bridge.metrics_port: cannot listen on {config.metrics_address}:{config.metrics_port}: {exc}",
+              file=sys.stderr)
+        spool.close()
+        return EXIT_START_UP
 
     stop = threading.Event()
 
@@ -107,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     forwarder.stop(SHUTDOWN_GRACE)
     aicsd.close()
     log.info("%s", status_line(spool, receiver, forwarder, config.concurrency))
+    if metrics is not None:
+        metrics.stop()
     spool.close()
     log.info("stopped")
     return 0

@@ -8,8 +8,9 @@ the AiCSD stand-in as callback sink), and reports side by side: `benchmark_app` 
 callbacks, and end to end from MQTT publish to AiCSD's status callback, at saturation and at
 half of it; plus the counting pipeline on 2048x2048 16-bit TIFFs, start-up time with a warm
 compiled-model cache, resident memory, and a py-spy profile of the service worker under load
-(where its interpreter time goes). Prints a table, writes bench.json, bench.png and the raw
-profile-gil.txt.
+(where its interpreter time goes). It also says whether both Prometheus endpoints answered (the
+service's `/metrics`, the bridge's metrics port), since the figures are taken with both on.
+Prints a table, writes bench.json, bench.png and the raw profile-gil.txt.
 `--quick` is a seconds-long smoke run; `--soak` adds 10,000 jobs to show memory stays flat.
 """
 
@@ -33,7 +34,7 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from devtools.servers import REPO, Bridge, Broker, broker_kind, serve_bento, stop_process
+from devtools.servers import REPO, Bridge, Broker, broker_kind, free_port, serve_bento, stop_process
 
 from .http_load import HttpLoadError, post_closed_loop
 from .measure import Figure, closed_loop, cores, cpu_model, rss_mib, summarise
@@ -156,7 +157,7 @@ class Sink:
     generator for this process's interpreter; jobs register themselves on their first update."""
 
     def __init__(self, log_path: Path) -> None:
-        from devtools.servers import free_port, wait_for_port
+        from devtools.servers import wait_for_port
 
         self.port = free_port()
         with log_path.open("wb") as log_file:
@@ -286,6 +287,26 @@ def end_to_end(broker_port: int, sink: Sink, inputs: dict[str, list[Path]], outp
     return summarise("end to end (MQTT -> status)", label, latencies, elapsed)
 
 
+def metrics_presence(url: str, wanted: str) -> dict:
+    """Whether a Prometheus endpoint answers 200 with the sample `wanted`, and its value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        answer = httpx.get(url, timeout=10, trust_env=False)
+    except httpx.HTTPError as exc:
+        return {"url": url, "status": None, "metric": wanted, "present": False, "value": None, "error": str(exc)}
+    values = [sample.value for family in text_string_to_metric_families(answer.text) for sample in family.samples
+              if sample.name == wanted] if answer.status_code == 200 else []
+    return {"url": url, "status": answer.status_code, "metric": wanted, "present": bool(values),
+            "value": sum(values) if values else None, "error": None}
+
+
+def metrics_line(name: str, found: dict) -> str:
+    answered = f"answered {found['status']}" if found["status"] is not None else f"no answer ({found['error']})"
+    has = f"{found['metric']} = {found['value']:g}" if found["present"] else f"no {found['metric']}"
+    return f"  metrics, {name}: {found['url']} {answered}, {has}"
+
+
 # --- report ------------------------------------------------------------------------------------
 
 def table(figures: list[Figure], limit: float) -> str:
@@ -366,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started: list = []
     memory: dict[str, float] = {}
+    metrics: dict[str, dict] = {}
     try:
         sink = Sink(work / "sink.log")
         started.append(sink)
@@ -387,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
         broker = Broker(work / "broker", kind=broker_kind()).start()
         started.append(broker)
         bridge = Bridge(work / "bridge", f"{service.url}/classify", broker.port, client_id="bench-bridge",
-                        extra={"bridge": {"concurrency": threads, "status_interval": 30}}).start()
+                        extra={"bridge": {"concurrency": threads, "status_interval": 30}},
+                        metrics_port=free_port()).start()
         started.append(bridge)
         log.info("end to end")
         saturation = end_to_end(broker.port, sink, inputs, files / "output", 20 if quick else 1500, None,
@@ -398,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
         figures += [saturation, steady]
         memory["service MiB"] = rss_mib(service.process.pid)
         memory["bridge MiB"] = rss_mib(bridge.process.pid)
+        metrics["service"] = metrics_presence(f"{service.url}/metrics", "bentoml_service_request_total")
+        metrics["bridge"] = metrics_presence(bridge.metrics_url, "aicsd_bridge_forwarded_total")
         if args.soak:
             log.info("soak: 10,000 jobs")
             figures.append(end_to_end(broker.port, sink, inputs, files / "output", 10_000, None, "soak 10,000"))
@@ -426,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         "figures": [f.asdict() for f in figures],
         "targets": targets,
         "memory": memory,
+        "metrics": metrics,
         "profile": profile.asdict(),
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -435,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{cpu_model()}, {cores()} cores\n\n{text}\n")
     for name, value in {**targets, **memory}.items():
         print(f"  {name}: {value:.2f}")
+    for name, found in metrics.items():
+        print(metrics_line(name, found))
     print(f"\n{profile.text()}")
     print(f"\nwrote {out / 'bench.json'} and {out / 'bench.png'}")
     return 0

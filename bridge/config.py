@@ -6,13 +6,15 @@ meaning (`service.POST_url` + `service.port` + `service.service_func` make the A
 `gateway_ip`, `mqtt.topic`, `mqtt.hostname`, `mqtt.port`). The environment variables of
 `BridgeEnvironment` (pydantic-settings, `BRIDGE_*`) override the file: `BRIDGE_SERVICE_URL` (the
 whole API URL), `BRIDGE_GATEWAY_IP`, `BRIDGE_MQTT_HOSTNAME`, `BRIDGE_MQTT_PORT`, `BRIDGE_SPOOL`,
-`BRIDGE_LOG_LEVEL`. Every problem is collected into one `ConfigError`, so a broken file is fixed
+`BRIDGE_LOG_LEVEL`, `BRIDGE_METRICS_PORT`. Every problem is collected into one `ConfigError`, so a broken file is fixed
 in one go, before any job is in flight.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,9 @@ PLACEHOLDER = "##.##.##.##"
 DEFAULT_CALLBACK_HOSTS = "job-repository,task-launcher,localhost,127.0.0.1"
 DEFAULT_STATUS_TOPIC = "aicsd-pipeline/bridge/{client_id}/status"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+DEFAULT_METRICS_PORT = 9464
+DEFAULT_METRICS_ADDRESS = "0.0.0.0"
+_HOST_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*$")
 
 
 class ConfigError(Exception):
@@ -77,6 +82,8 @@ class BridgeConfig:
     status_topic: str = "aicsd-pipeline/bridge/aicsd-pipeline-bridge/status"
     log_level: str = "INFO"
     max_unexpected_errors: int = 3
+    metrics_port: int = DEFAULT_METRICS_PORT  # 0: no metrics endpoint
+    metrics_address: str = DEFAULT_METRICS_ADDRESS
 
     @property
     def subscription(self) -> str:
@@ -95,11 +102,12 @@ class BridgeEnvironment(DeclaredSettings):
     mqtt_port: str | None = Field(None, description="overrides mqtt.port")
     spool: str | None = Field(None, description="overrides bridge.spool")
     log_level: str | None = Field(None, description="overrides bridge.log_level")
+    metrics_port: str | None = Field(None, description="overrides bridge.metrics_port (0: no metrics)")
 
     def overrides(self) -> dict[str, tuple[str, str]]:
         """Dotted file key -> (variable, value) for each variable that is set and not blank."""
         keys = {"gateway_ip": "gateway_ip", "mqtt_hostname": "mqtt.hostname", "mqtt_port": "mqtt.port",
-                "spool": "bridge.spool", "log_level": "bridge.log_level"}
+                "spool": "bridge.spool", "log_level": "bridge.log_level", "metrics_port": "bridge.metrics_port"}
         chosen = {}
         for field, dotted in keys.items():
             value = getattr(self, field)
@@ -234,6 +242,19 @@ class _BridgeSection(_Section):
     callback_hosts: frozenset[str] = Field(default_factory=lambda: parse_callback_hosts(DEFAULT_CALLBACK_HOSTS))
     log_level: str = "INFO"
     max_unexpected_errors: int = Field(3, ge=1, le=100)
+    metrics_port: int = Field(DEFAULT_METRICS_PORT, ge=0, le=65535)
+    metrics_address: str = Field(DEFAULT_METRICS_ADDRESS, min_length=1)
+
+    @field_validator("metrics_address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            if not _HOST_NAME.match(value) or len(value) > 253:
+                raise ValueError(f"must be an IP address or a host name to listen on (0.0.0.0: every interface), "
+                                 f"got {value!r}") from None
+        return value
 
     @field_validator("callback_hosts", mode="before")
     @classmethod
@@ -364,4 +385,6 @@ def load_config(path: Path, env: Mapping[str, str] | None = None) -> BridgeConfi
         status_topic=mqtt.status_topic.replace("{client_id}", mqtt.client_id),
         log_level=bridge.log_level,
         max_unexpected_errors=bridge.max_unexpected_errors,
+        metrics_port=bridge.metrics_port,
+        metrics_address=bridge.metrics_address,
     )

@@ -88,6 +88,11 @@ class Forwarder:
         # Decisions the spool could not record yet (a full disk), retried before any new job.
         self._unrecorded: dict[tuple[str, str], tuple[SpooledJob, _Decision]] = {}
         self._recording = threading.Lock()  # one worker at a time writes the held decisions
+        # Counts since start, for the metrics (bridge.metrics); workers change them under `_counting`.
+        self._counting = threading.Lock()
+        self.forwarded = 0          # jobs the service answered 200 for
+        self.dead_lettered = 0      # jobs given up on, recorded failed with their reason
+        self.callback_failures = 0  # PipelineFailed reports the bridge had to send and could not deliver
 
     def start(self) -> None:
         for number in range(self.config.concurrency):
@@ -226,6 +231,8 @@ class Forwarder:
         except HttpFailure as exc:
             return self._retry(job, f"service unreachable: {exc}", job.service_answered, job_log)
         if response.status_code == 200:
+            with self._counting:
+                self.forwarded += 1
             job_log.info("forwarded (attempt %d): %s", job.attempts, _field(response, "Status") or "done")
             return _Complete()
         if response.status_code >= 500:
@@ -272,12 +279,21 @@ class Forwarder:
             callbacks = usable_callbacks(job.payload, self.config.callback_hosts)
             if callbacks is None:
                 job_log.error("callback URLs not usable: AiCSD cannot be told; kept in the dead-letter table")
+                self._callback_failed()
                 return reason
             report = self.aicsd.report(callbacks, PipelineOutcome.failed(reason))
-            return reason if report.delivered else reason + " (AiCSD could not be told)"
+            if report.delivered:
+                return reason
+            self._callback_failed()
+            return reason + " (AiCSD could not be told)"
         except Exception as exc:
             job_log.exception("telling AiCSD PipelineFailed went wrong")
+            self._callback_failed()
             return f"{reason} (AiCSD could not be told: {type(exc).__name__}: {exc})"
+
+    def _callback_failed(self) -> None:
+        with self._counting:
+            self.callback_failures += 1
 
     def _record(self, job: SpooledJob, decision: _Decision, job_log: _Log) -> None:
         """Write the decision to the spool, or keep it to be written when the spool works again."""
@@ -322,6 +338,8 @@ class Forwarder:
             self.spool.retry_later(job.key, decision.delay, decision.error, service_answered=decision.service_answered)
         else:
             self.spool.fail(job, decision.reason)
+            with self._counting:
+                self.dead_lettered += 1
 
 
 def usable_callbacks(payload: str | Mapping[str, Any], allowed_hosts: frozenset[str]) -> CallbackUrls | None:

@@ -136,9 +136,13 @@ class Receiver:
         self.config = config
         self.spool = spool
         self.on_job = on_job
-        self.received = 0
-        self.duplicates = 0
-        self.again = 0
+        # Counts since start, for the status line and the metrics (bridge.metrics); each is changed
+        # under `_lock`, since the paho thread and the spool-retry thread both store messages.
+        self.received = 0       # messages from the broker, redeliveries included
+        self.spooled = 0        # jobs queued in the spool: new ones and ones taken again
+        self.duplicates = 0     # redeliveries of a job still queued or in flight, collapsed
+        self.again = 0          # jobs published again after the bridge had finished them
+        self.dead_lettered = 0  # payloads kept in the dead-letter table instead of the queue
         self.connected = False
         self.problem: str | None = None  # why the broker is down, for the status line
         self._session = 0
@@ -243,7 +247,8 @@ class Receiver:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         try:
-            self.received += 1
+            with self._lock:
+                self.received += 1
             self._store(bytes(message.payload), message.topic)
         except SpoolError as exc:
             self._keep_unstored(message, exc)
@@ -312,6 +317,8 @@ class Receiver:
         receipt = inspect_payload(payload, self.config.callback_hosts, self.config.gateway_ip)
         if receipt.dead_reason is not None:
             self.spool.dead_letter(receipt.dead_reason, payload, topic=topic, key=receipt.key)
+            with self._lock:
+                self.dead_lettered += 1
             log.error("dead-lettered message on %s: %s (payload %s)", shown(topic), receipt.dead_reason,
                       shown(payload, 120))
             return
@@ -319,13 +326,18 @@ class Receiver:
         arrival = self.spool.add(*receipt.key, receipt.text, reject_reason=receipt.reject_reason)
         ids = tuple(map(shown, receipt.key))
         invalid = " (invalid, will be failed)" if receipt.reject_reason else ""
+        with self._lock:
+            if arrival is Arrival.DUPLICATE:
+                self.duplicates += 1
+            else:
+                self.spooled += 1
+                if arrival is Arrival.AGAIN:
+                    self.again += 1
         if arrival is Arrival.NEW:
             log.info("job=%s task=%s received%s", *ids, invalid)
             self.on_job()
         elif arrival is Arrival.AGAIN:
-            self.again += 1
             log.info("job=%s task=%s published again after the bridge had finished it: taken again%s", *ids, invalid)
             self.on_job()
         else:
-            self.duplicates += 1
             log.info("job=%s task=%s received again while still queued or in flight: collapsed", *ids)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Arrival", "Spool", "SpoolCounts", "SpoolError", "SpooledJob"]
+__all__ = ["Arrival", "Backlog", "Spool", "SpoolCounts", "SpoolError", "SpooledJob"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -109,6 +109,15 @@ class SpoolCounts:
             f"queued={self.queued} in_flight={self.inflight} done={self.done} "
             f"failed={self.failed} dead_lettered={self.dead_letters}"
         )
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """The jobs not finished yet: how many wait, how many are in flight, when the oldest arrived."""
+
+    queued: int
+    inflight: int
+    oldest_received_at: float | None
 
 
 class Spool:
@@ -305,6 +314,15 @@ class Spool:
         return SpoolCounts(
             states.get("queued", 0), states.get("inflight", 0), states.get("done", 0), states.get("failed", 0), dead
         )
+
+    def backlog(self) -> Backlog:
+        """Queued and in-flight counts and the oldest one's arrival, in one read."""
+        rows = self._read(
+            "SELECT state, COUNT(*), MIN(received_at) FROM jobs WHERE state IN ('queued', 'inflight') GROUP BY state"
+        )
+        counts = {state: count for state, count, _ in rows}
+        oldest = min((float(first) for _, _, first in rows), default=None)
+        return Backlog(counts.get("queued", 0), counts.get("inflight", 0), oldest)
 
     def dead_letters(self) -> list[tuple[str | None, str | None, str]]:
         """(job id, task id, reason) of every dead letter, oldest first."""

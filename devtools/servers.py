@@ -225,6 +225,7 @@ class Bridge:
     """`python paho_mqtt_client.py <config>` as a real process.
 
     `prefix` runs it under another command (e.g. `unshare --mount ...`); `env` adds variables.
+    `metrics_port` serves its Prometheus metrics on 127.0.0.1 (0, the default here: none).
     """
 
     folder: Path
@@ -237,6 +238,11 @@ class Bridge:
     env: dict[str, str] = field(default_factory=dict)
     spool_path: Path | None = None
     broker_host: str = "127.0.0.1"
+    metrics_port: int = 0
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     @property
     def spool(self) -> Path:
@@ -265,6 +271,8 @@ class Bridge:
                 "retry_max": 2,
                 "status_interval": 1,
                 "callback_hosts": "127.0.0.1",
+                "metrics_address": "127.0.0.1",
+                "metrics_port": self.metrics_port,
                 **self.extra.get("bridge", {}),
             },
         }
@@ -332,9 +340,16 @@ def serve_bento(
     port: int | None = None,
     wait_for: str = "/readyz",
 ) -> Service:
-    """Start `bentoml serve TARGET` on a loopback port and wait until `wait_for` answers 200."""
+    """Start `bentoml serve TARGET` on a loopback port and wait until `wait_for` answers 200.
+
+    Each service gets a BentoML home of its own next to its log (unless `env` names one): BentoML
+    keeps its Prometheus files in `$BENTOML_HOME/prometheus_multiproc_dir` and every `bentoml
+    serve` empties that folder at start, so a second service in a shared home would stop the
+    first one's `/metrics` from counting.
+    """
     port = port or free_port()
-    full_env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True", **env}
+    home = log_path.with_name(f"{log_path.stem}-bentoml-home")
+    full_env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True", "BENTOML_HOME": str(home), **env}
     log_file = log_path.open("wb")
     process = subprocess.Popen(
         [str(Path(sys.executable).parent / "bentoml"), "serve", target, "--host", "127.0.0.1", "--port", str(port)],

@@ -36,5 +36,12 @@ def test_quick_benchmark_writes_its_table_json_and_chart_and_stops_everything(bu
         assert profile["samples"] > 0 and abs(sum(profile["buckets"].values()) - 100) < 1
         assert "interpreter time of the service worker" in result.stdout
     assert "ratio" in result.stdout and "benchmark_app" in result.stdout
+    # Both Prometheus endpoints were on while it measured, and counted what it did.
+    service, bridge = report["metrics"]["service"], report["metrics"]["bridge"]
+    assert service["status"] == bridge["status"] == 200 and service["present"] and bridge["present"]
+    # Read once AiCSD had every status: the service's last answers may still be on their way back.
+    assert 0 < bridge["value"] <= sum(f["count"] for f in report["figures"] if f["stage"] == "end to end (MQTT -> status)")
+    assert f"metrics, service: {service['url']} answered 200, bentoml_service_request_total = " in result.stdout
+    assert f"metrics, bridge: {bridge['url']} answered 200, aicsd_bridge_forwarded_total = " in result.stdout
     left = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True)
     assert left.stdout == "", f"processes left running: {left.stdout}"

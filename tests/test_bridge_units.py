@@ -103,6 +103,22 @@ bridge: {concurrency: 0, max_age: soon}
         assert load_config(write(tmp_path, text), env={}).log_level == "DEBUG"
         assert load_config(write(tmp_path, text), env={"BRIDGE_LOG_LEVEL": "warning"}).log_level == "WARNING"
 
+    def test_metrics_port_and_address_have_defaults_an_override_and_rules(self, tmp_path):
+        config = load_config(write(tmp_path, GOOD_CONFIG), env={})
+        assert (config.metrics_address, config.metrics_port) == ("0.0.0.0", 9464)
+        assert load_config(write(tmp_path, GOOD_CONFIG), env={"BRIDGE_METRICS_PORT": "0"}).metrics_port == 0
+        shipped = load_config(REPO / "pythonClientConfig.yaml", env={"BRIDGE_SERVICE_URL": "http://localhost:3000/classify",
+                                                                      "BRIDGE_GATEWAY_IP": "10.0.0.1"})
+        assert (shipped.metrics_address, shipped.metrics_port) == ("0.0.0.0", 9464)
+        text = GOOD_CONFIG + 'bridge: {concurrency: 0, metrics_port: 70000, metrics_address: "every interface"}\n'
+        with pytest.raises(ConfigError) as info:
+            load_config(write(tmp_path, text), env={})
+        keys = [p.split(":")[0] for p in info.value.problems]
+        assert keys == ["bridge.concurrency", "bridge.metrics_port", "bridge.metrics_address"]
+        with pytest.raises(ConfigError) as info:
+            load_config(write(tmp_path, GOOD_CONFIG), env={"BRIDGE_METRICS_PORT": "metrics"})
+        assert [p.split(":")[0] for p in info.value.problems] == ["bridge.metrics_port (from BRIDGE_METRICS_PORT)"]
+
     def test_missing_file_and_bad_yaml_are_reported(self, tmp_path):
         with pytest.raises(ConfigError, match="does not exist"):
             load_config(tmp_path / "nope.yaml", env={})
@@ -229,6 +245,51 @@ class TestSpool:
         assert spool.prune(50) == 1 and spool.add("a", "t", "{}") is Arrival.NEW
 
 
+class TestMetrics:
+    """The collector on its own, with a clock of the test's: what it reads, and a spool it cannot read."""
+
+    def figures(self, tmp_path, now: float) -> tuple[dict[str, float], ...]:
+        """What a scrape shows, with a readable spool and then with the spool closed."""
+        from prometheus_client import CollectorRegistry, generate_latest
+        from prometheus_client.parser import text_string_to_metric_families
+
+        from aicsd.callbacks import AicsdClient
+        from bridge.forwarder import Forwarder
+        from bridge.metrics import BridgeCollector
+        from bridge.receiver import Receiver
+
+        config = load_config(write(tmp_path, GOOD_CONFIG), env={})
+        spool = Spool(tmp_path / "spool.db", clock=lambda: 100.0)
+        aicsd = AicsdClient()
+        forwarder = Forwarder(config, spool, aicsd)
+        receiver = Receiver(config, spool, on_job=forwarder.notify)
+        spool.add("j1", "t1", "{}")
+        spool.add("j2", "t2", "{}")
+        spool.claim()
+        receiver.received, receiver.duplicates, forwarder.forwarded = 3, 1, 2
+        registry = CollectorRegistry()
+        registry.register(BridgeCollector(spool, receiver, forwarder, config.concurrency, clock=lambda: now))
+        try:
+            first = generate_latest(registry).decode()
+            spool.close()
+            second = generate_latest(registry).decode()
+        finally:
+            aicsd.close()
+        return tuple({s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+                     for text in (first, second))
+
+    def test_figures_are_read_at_scrape_time_and_a_spool_it_cannot_read_leaves_its_gauges_out(self, tmp_path):
+        readable, closed = self.figures(tmp_path, now=130.0)
+        assert readable["aicsd_bridge_queue_depth"] == 1 and readable["aicsd_bridge_in_flight"] == 1
+        assert readable["aicsd_bridge_oldest_job_age_seconds"] == 30
+        assert (readable["aicsd_bridge_received_total"], readable["aicsd_bridge_duplicates_total"],
+                readable["aicsd_bridge_forwarded_total"]) == (3, 1, 2)
+        assert readable["aicsd_bridge_broker_connected"] == 0 and readable["aicsd_bridge_spool_ok"] == 1
+        assert readable["aicsd_bridge_workers"] == 2 and readable["aicsd_bridge_workers_alive"] == 0
+        assert "aicsd_bridge_queue_depth" not in closed and "aicsd_bridge_oldest_job_age_seconds" not in closed
+        assert closed["aicsd_bridge_spool_ok"] == 0 and closed["aicsd_bridge_received_total"] == 3
+
+
 class TestPayloads:
     def test_valid_job_is_spooled_under_its_job_and_task_ids(self):
         receipt = inspect_payload(json.dumps(JOB).encode(), ALLOWED)
@@ -273,7 +334,7 @@ def test_tls_files_that_are_not_certificates_stop_start_up_with_one_line_and_exi
     junk = tmp_path / "ca.pem"
     junk.write_text("not a certificate\n")
     config = write(tmp_path, GOOD_CONFIG.replace("port: 1883}", f"port: 1883, tls: {{ca_certs: {junk}}}}}")
-                   + f"bridge: {{spool: {tmp_path / 'spool.db'}}}\n")
+                   + f"bridge: {{spool: {tmp_path / 'spool.db'}, metrics_port: 0}}\n")
     result = subprocess.run([sys.executable, "paho_mqtt_client.py", str(config)], capture_output=True, text=True,
                             cwd=REPO, timeout=60, check=False)
     assert result.returncode == 2, result.stderr

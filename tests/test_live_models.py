@@ -277,12 +277,12 @@ def test_a_name_in_both_folders_is_served_from_the_first(watched, folders, aicsd
 @pytest.fixture(scope="module")
 def without_default(tmp_path_factory, file_root) -> Iterator[tuple[Watched, Path]]:
     """A service whose default model is not there, started with BENTOML_CONFIG naming a copy of
-    bentoml.yaml that turns Prometheus metrics on."""
+    bentoml.yaml that turns Prometheus metrics off."""
     models = tmp_path_factory.mktemp("no-default-models")
     ballast_classifier("a b c", models / "other" / "1")
-    config = tmp_path_factory.mktemp("config") / "bentoml-metrics.yaml"
+    config = tmp_path_factory.mktemp("config") / "bentoml-no-metrics.yaml"
     text = (REPO / "bentoml.yaml").read_text()
-    config.write_text(text.replace("metrics:\n      enabled: false", "metrics:\n      enabled: true"))
+    config.write_text(text.replace("metrics:\n      enabled: true", "metrics:\n      enabled: false"))
     assert config.read_text() != text
     env = {
         "BENTOML_CONFIG": str(config),
@@ -319,5 +319,6 @@ def test_a_service_without_its_default_model_is_not_ready_until_the_model_arrive
 
 def test_bentoml_config_names_the_runtime_configuration(without_default):
     watched, _ = without_default
-    # bentoml.yaml turns metrics off; the copy BENTOML_CONFIG names turns them on.
-    assert watched.http.get(f"{watched.service.url}/metrics").status_code == 200
+    # bentoml.yaml turns metrics on; the copy BENTOML_CONFIG names turns them off.
+    assert watched.http.get(f"{watched.service.url}/metrics").status_code == 404
+    assert watched.http.get(f"{watched.service.url}/livez").status_code == 200

@@ -50,6 +50,11 @@ def test_run_mounts_aicsd_models_folder_and_serves_both(tmp_path):
     assert missing.returncode == 2 and "is not a folder: give the AiCSD project's models/ folder" in missing.stderr
 
 
+def test_the_bridge_container_publishes_its_metrics_port():
+    assert "-p 9464:9464 " in make("-n", "run-mqtt-client").stdout
+    assert "-p 19464:9464 " in make("-n", "run-mqtt-client", "BRIDGE_METRICS_HOST_PORT=19464").stdout
+
+
 def test_down_succeeds_quietly_when_nothing_is_running():
     result = make("down", "BENTO_TAG=aicsd_pipeline:nothing")
     assert result.returncode == 0, result.stderr

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import tifffile
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from devtools.servers import free_port
 
@@ -306,10 +307,23 @@ class TestServiceSurface:
             "status": "Running",
         }
 
-    def test_prometheus_metrics_are_off_as_bentoml_yaml_says(self, service, client):
-        # bentoml.yaml turns them off for speed; this shows its section reaches BentoML.
-        assert client.get(f"{service.url}/metrics").status_code == 404
-        assert client.get(f"{service.url}/readyz").status_code == 200
+    def test_prometheus_metrics_are_on_as_bentoml_yaml_says_and_count_requests(self, service, client):
+        # bentoml.yaml turns them on (the default service config of BentoML too); each request to an
+        # API is counted under its endpoint and response code.
+        def requests_counted() -> float:
+            answer = client.get(f"{service.url}/metrics")
+            assert answer.status_code == 200
+            return sum(
+                sample.value
+                for family in text_string_to_metric_families(answer.text)
+                for sample in family.samples
+                if sample.name == "bentoml_service_request_total"
+                and sample.labels.get("endpoint") == "/pipelines" and sample.labels.get("http_response_code") == "200"
+            )
+
+        before = requests_counted()
+        assert client.post(f"{service.url}/pipelines", json={}).status_code == 200
+        assert requests_counted() == before + 1
 
     def test_swagger_spec_offers_the_seed_request_as_the_example(self, service, client):
         from aicsd.job import SEED_EXAMPLE
