@@ -167,9 +167,12 @@ class Sink:
         wait_for_port(self.port)
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.http = httpx.Client(timeout=30, trust_env=False)
+        self._tasks: dict[str, str] = {}
 
     def job(self, image: Path, output: Path, model: str = "efficientnet-lite0") -> tuple[str, dict]:
-        job_id, task_id = uuid.uuid4().hex, uuid.uuid4().hex
+        # As in AiCSD: every file dropped for a task is a new job of that same task, so the service
+        # asks the task launcher for the task's pipeline once, not once per job.
+        job_id, task_id = uuid.uuid4().hex, self._tasks.setdefault(model, uuid.uuid4().hex)
         return job_id, {
             "InputFileLocation": str(image), "OutputFileFolder": str(output), "ModelParams": {"Model": model},
             "JobUpdateUrl": f"{self.base_url}/api/v1/job/pipeline/{job_id}/{task_id}",

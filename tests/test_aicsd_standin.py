@@ -220,3 +220,19 @@ def test_viewable_name_replaces_the_extension_once_as_go_does(name, extension, v
     from devtools.aicsd_standin import viewable_name
 
     assert viewable_name(name, extension) == viewable
+
+
+def test_a_task_look_up_keeps_the_connection_and_answers_head_and_body_in_one_write():
+    """Two small writes would stall on Nagle against the client's delayed ACK (about 40 ms each):
+    the task endpoint must answer like Go's net/http, on a connection it keeps open."""
+    import socket
+
+    with AicsdStandIn() as standin:
+        job = standin.new_job("ovms/cell-counter")
+        host, port = standin.base_url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            for _ in range(2):  # the second request on the same connection proves it stayed open
+                sock.sendall(f"GET /api/v1/task/{job.task_id} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                first = sock.recv(65536)
+                assert first.startswith(b"HTTP/1.1 200") and b'"PipelineId": "ovms/cell-counter"' in first
+                assert b"Connection: close" not in first
