@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from devtools.aicsd_standin import AicsdStandIn
-from devtools.servers import Broker, Service, serve_bento, stop_process
+from devtools.servers import Bridge, Broker, Service, serve_bento, stop_process
 
 from .tiny_models import channel_mean_classifier, write_model
 
@@ -116,6 +116,15 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
         yield running
     finally:
         running.stop()
+
+
+@pytest.fixture
+def bridges() -> Iterator[list[Bridge]]:
+    """Bridge processes a test starts (append them here): stopped at its end."""
+    started: list[Bridge] = []
+    yield started
+    for bridge in started:
+        bridge.stop()
 
 
 @pytest.fixture(scope="module")

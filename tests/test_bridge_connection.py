@@ -30,14 +30,6 @@ def new_bridge(folder: Path, broker_port: int, **extra) -> Bridge:
     return Bridge(folder, NOWHERE, broker_port, client_id=f"bridge-{uuid.uuid4().hex[:8]}", extra=extra)
 
 
-@pytest.fixture
-def bridges() -> Iterator[list[Bridge]]:
-    started: list[Bridge] = []
-    yield started
-    for bridge in started:
-        bridge.stop()
-
-
 def needs_mosquitto() -> None:
     if not have_program("mosquitto"):
         pytest.skip("needs Mosquitto for a TLS listener or a password file (amqtt is set up without them)")

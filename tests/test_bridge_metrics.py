@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -52,14 +52,6 @@ def listening(process: subprocess.Popen) -> set[tuple[str, int]]:
     """The TCP addresses the process listens on."""
     connections = psutil.Process(process.pid).net_connections(kind="tcp")
     return {(c.laddr.ip, c.laddr.port) for c in connections if c.status == psutil.CONN_LISTEN}
-
-
-@pytest.fixture
-def bridges() -> Iterator[list[Bridge]]:
-    started: list[Bridge] = []
-    yield started
-    for bridge in started:
-        bridge.stop()
 
 
 def test_counters_and_gauges_say_what_happened_to_the_jobs(

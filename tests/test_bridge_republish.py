@@ -15,7 +15,6 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -121,14 +120,6 @@ class PortForward:
             thread.join(10)
         for end in self.sockets:
             end.close()
-
-
-@pytest.fixture
-def bridges() -> Iterator[list[Bridge]]:
-    started: list[Bridge] = []
-    yield started
-    for bridge in started:
-        bridge.stop()
 
 
 def start_bridge(
