@@ -43,7 +43,6 @@ class Handled:
     repeated: bool = False
     later: Later | None = None  # try again later: AiCSD could not answer, or another process runs it
     reason: str = ""  # why later, or why the job is left to another service
-    not_here: bool = False
 
     @property
     def retry_later(self) -> bool:
@@ -81,6 +80,7 @@ class JobHandler:
             if entry.claim is Claim.ANSWER:
                 job_log.info("came again: already reported to AiCSD; stored answer returned, nothing sent")
                 return Handled(entry.outcome, entry.job_update, entry.pipeline_status, repeated=True)
+            handled: Handled | None = None
             try:
                 if entry.claim is Claim.RUN:
                     try:
@@ -88,20 +88,25 @@ class JobHandler:
                     except _Later as later:
                         return later.handled
                     self.ledger.computed(key, outcome)
-                    return self._report(key, outcome, State.COMPUTED, None, None, job, job_log, repeated=False)
-                assert entry.outcome is not None
-                job_log.info(
-                    "came again with its outcome stored (%s): sending what AiCSD has not accepted", entry.state.value
-                )
-                return self._report(
-                    key, entry.outcome, entry.state, entry.job_update, entry.pipeline_status, job, job_log,
-                    repeated=True,
-                )
+                    handled = self._report(key, outcome, State.COMPUTED, None, None, job, job_log, repeated=False)
+                else:
+                    assert entry.outcome is not None
+                    job_log.info(
+                        "came again with its outcome stored (%s): sending what AiCSD has not accepted",
+                        entry.state.value,
+                    )
+                    handled = self._report(
+                        key, entry.outcome, entry.state, entry.job_update, entry.pipeline_status, job, job_log,
+                        repeated=True,
+                    )
+                return handled
             except BaseException:
                 self.ledger.release(key)
                 raise
             finally:
-                self.ledger.finish(key)  # a no-op write once the status was accepted
+                # An accepted status already let the job go in the same write that noted it.
+                if handled is None or handled.pipeline_status is None or not handled.pipeline_status.ok:
+                    self.ledger.finish(key)
 
     def _run(self, job: Job, key: tuple[str, str, str], job_log: JobLog) -> PipelineOutcome:
         try:
@@ -116,7 +121,7 @@ class JobHandler:
             raise _Later(Handled(later="aicsd", reason=str(exc))) from None
         except NotServedHere as exc:
             self.ledger.release(key)
-            raise _Later(Handled(not_here=True, reason=str(exc))) from None
+            raise _Later(Handled(reason=str(exc))) from None
 
     def _report(
         self,
