@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Figure", "closed_loop", "process_tree", "rss_mib", "summarise"]
+__all__ = ["CpuMeter", "CpuUse", "Figure", "closed_loop", "process_tree", "rss_mib", "summarise"]
 
 
 @dataclass
@@ -27,10 +27,12 @@ class Figure:
     p99_ms: float | None = None
     count: int = 0
     samples: list[float] = field(default_factory=list, repr=False)
+    cpu: CpuUse | None = None
 
     def asdict(self) -> dict[str, object]:
         """The figure without its raw samples."""
-        return {k: v for k, v in vars(self).items() if k != "samples"}
+        figure = {k: v for k, v in vars(self).items() if k not in ("samples", "cpu")}
+        return {**figure, "cpu": self.cpu.asdict() if self.cpu else None}
 
 
 def summarise(stage: str, setting: str, latencies_s: list[float], elapsed_s: float) -> Figure:
@@ -110,3 +112,84 @@ def cpu_model() -> str:
 
 def cores() -> int:
     return len(os.sched_getaffinity(0))
+
+
+# --- CPU accounting ---------------------------------------------------------------------------
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _process_cpu_s(pid: int, tree: bool) -> float:
+    """User + system CPU seconds of a process (and, with `tree`, of its living descendants)."""
+    total = 0
+    for current in process_tree(pid) if tree else (pid,):
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / _TICK
+
+
+def _machine_busy_s() -> float:
+    """CPU seconds all cores spent on anything but idling or waiting for I/O since boot."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)
+    return (sum(values[:8]) - idle) / _TICK
+
+
+@dataclass(frozen=True)
+class CpuUse:
+    """What a stage cost: core-ms per job of each named process, and how many cores were busy."""
+
+    per_job_ms: dict[str, float]
+    busy_cores: float
+    jobs: int
+
+    def asdict(self) -> dict[str, object]:
+        return {"core_ms_per_job": self.per_job_ms, "busy_cores": self.busy_cores, "jobs": self.jobs}
+
+    def text(self) -> str:
+        parts = ", ".join(f"{name} {ms:.2f}" for name, ms in self.per_job_ms.items())
+        return f"core-ms per job: {parts}; busy cores {self.busy_cores:.2f} of {cores()}"
+
+
+class CpuMeter:
+    """CPU time of the chain's processes over a stage, read from /proc (10 ms ticks, so a stage
+    should run for seconds). The load generator is this process alone, not its children: the
+    servers it started are counted under their own names."""
+
+    def __init__(self, processes: dict[str, int], this_process: str = "load generator") -> None:
+        self.processes = {this_process: os.getpid(), **processes}
+
+    def _read(self) -> tuple[float, float, dict[str, float]]:
+        return (time.monotonic(), _machine_busy_s(),
+                {name: _process_cpu_s(pid, tree=pid != os.getpid()) for name, pid in self.processes.items()})
+
+    def start(self) -> tuple[float, float, dict[str, float]]:
+        """A reading to pass to `since` when the stage is over."""
+        return self._read()
+
+    def since(self, start: tuple[float, float, dict[str, float]], jobs: int) -> CpuUse:
+        """The cost of the `jobs` jobs done since `start`."""
+        wall0, busy0, cpu0 = start
+        wall1, busy1, cpu1 = self._read()
+        per_job = {name: (cpu1[name] - cpu0[name]) * 1000 / max(jobs, 1) for name in self.processes}
+        per_job["all named"] = sum(per_job.values())
+        return CpuUse(per_job, (busy1 - busy0) / max(wall1 - wall0, 1e-9), jobs)
+
+
+def run_measured(command: list[str], jobs_of: Callable[[], int], **popen: object) -> CpuUse:
+    """Run a command to its end and say what it cost per job (its CPU read from the kernel's
+    accounting of waited-for children); `jobs_of()` tells, afterwards, how many jobs it did."""
+    import resource
+    import subprocess
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall0, busy0 = time.monotonic(), _machine_busy_s()
+    subprocess.run(command, check=True, **popen)  # type: ignore[call-overload]
+    wall1, busy1 = time.monotonic(), _machine_busy_s()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    jobs = jobs_of()
+    return CpuUse({command[0].rsplit("/", 1)[-1]: cpu_s * 1000 / max(jobs, 1)}, (busy1 - busy0) / (wall1 - wall0), jobs)

@@ -175,6 +175,7 @@ class AicsdStandIn:
         # Load tests: a job update for an unknown job registers it, an unknown task runs DEFAULT_PIPELINE.
         self.auto_register = auto_register
         self._jobs: dict[str, JobState] = {}
+        self._ended_count = 0  # jobs with an ended_at
         self._tasks: dict[str, str] = {}
         self._requests: list[Recorded] = []
         self._by_job: dict[str, list[Recorded]] = {}
@@ -323,6 +324,8 @@ class AicsdStandIn:
         if method == "GET" and path == "/_ended":
             ended = {j: state.ended_at for j, state in self._jobs.items() if state.ended_at is not None}
             return 200, json.dumps(ended), "", None
+        if method == "GET" and path == "/_ended_count":  # cheap to poll while thousands of jobs run
+            return 200, str(self._ended_count), "", None
         task_route = _TASK_PATH.match(path) if method == "GET" else None
         if task_route is not None:
             return (*self._task(task_route.group(1)), f"task:{task_route.group(1)}", None)
@@ -411,10 +414,15 @@ class AicsdStandIn:
             if problem is not None:
                 state.ended = "error"
                 state.file_sender_error = problem
-                state.ended_at = time.time()
+                self._mark_ended(state)
                 return 500, problem
-        state.ended_at = time.time()
+        self._mark_ended(state)
         return 200, ""
+
+    def _mark_ended(self, state: JobState) -> None:
+        if state.ended_at is None:
+            self._ended_count += 1
+        state.ended_at = time.time()
 
     @staticmethod
     def _send_files(state: JobState) -> str | None:

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 
 def test_quick_benchmark_writes_its_table_json_and_chart_and_stops_everything(built_models, tmp_path):
     out = tmp_path / "bench"
-    result = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out)], cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", "bench", "--quick", "--soak", "--out", str(out)], cwd=REPO,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((out / "bench.json").read_text())
@@ -43,5 +43,25 @@ def test_quick_benchmark_writes_its_table_json_and_chart_and_stops_everything(bu
     assert 0 < bridge["value"] <= sum(f["count"] for f in report["figures"] if f["stage"] == "end to end (MQTT -> status)")
     assert f"metrics, service: {service['url']} answered 200, bentoml_service_request_total = " in result.stdout
     assert f"metrics, bridge: {bridge['url']} answered 200, aicsd_bridge_forwarded_total = " in result.stdout
+    # Every stage of the chain says what each process cost per job, and how busy the cores were.
+    chain = {"load generator", "service", "bridge", "AiCSD stand-in", f"broker ({report['machine']['broker']})",
+             "all named"}
+    for figure in report["figures"]:
+        if figure["stage"] in ("service alone (HTTP)", "end to end (MQTT -> status)"):
+            cpu = figure["cpu"]
+            wanted = chain if figure["stage"].startswith("end") else {"load generator", "service", "AiCSD stand-in",
+                                                                       "all named"}
+            assert set(cpu["core_ms_per_job"]) == wanted, (figure["setting"], cpu)
+            assert cpu["core_ms_per_job"]["service"] > 0 and 0 < cpu["busy_cores"] <= report["machine"]["cores"] + 0.1
+        elif figure["stage"] == "benchmark_app":
+            assert figure["cpu"]["core_ms_per_job"]["benchmark_app"] > 0
+    assert "core-ms per job" in result.stdout and "busy cores" in result.stdout
+    # Every target of issue 10 is printed with its verdict, the soak's memory among them.
+    names = [target["name"] for target in report["targets"]]
+    assert len(names) == 10 and any("bridge core-ms" in n for n in names) and any("memory growth" in n for n in names)
+    for target in report["targets"]:
+        verdict = "met" if target["met"] else "MISSED"
+        assert re.search(rf"{verdict} +{re.escape(target['name'])} ", result.stdout), target
+    assert all(len(values) == 3 for values in report["soak_memory_mib"].values())
     left = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True)
     assert left.stdout == "", f"processes left running: {left.stdout}"
