@@ -14,6 +14,7 @@ Limits: Pillow reads a 16-bit RGB PNG as 8-bit RGB, and an EXIF orientation tag 
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
 import numpy as np
+import simplejpeg
 import tifffile
 from PIL import BmpImagePlugin, Image, ImageFile, JpegImagePlugin, PngImagePlugin
 
@@ -501,6 +503,10 @@ def load_rgb(
             if kind == "tiff":
                 [page] = _read_tiff(handle, name, max_pixels, 1, memory, first_only=True)
                 return _fit_array(page, size, crop)
+            if kind == "jpeg":
+                pixels = _load_jpeg_rgb(handle, name, size, crop, max_pixels, memory)
+                if pixels is not None:
+                    return pixels
             with _open_pillow(handle, name, kind, max_pixels) as image:
                 if kind == "jpeg":
                     _draft_jpeg(image, name, size, crop)
@@ -509,6 +515,53 @@ def load_rgb(
                 if image.mode in ("L", "RGB"):
                     return _fit(image, _source_box(image.width, image.height, size, crop), size)
                 return _fit_array(_pillow_array(image), size, crop)
+
+
+# JPEG files up to this size are read whole and decoded by simplejpeg; larger ones stream through Pillow.
+_JPEG_IN_MEMORY = 64 << 20
+
+
+def _load_jpeg_rgb(
+    handle: BinaryIO, name: str, size: tuple[int, int], crop: float | None, max_pixels: int,
+    memory: MemoryClaim | None,
+) -> np.ndarray | None:
+    """`load_rgb` of a JPEG with libjpeg-turbo's own scaled decoding (simplejpeg), or None to let
+    Pillow read it: a file too large to hold, or colours turbojpeg does not turn into RGB (CMYK).
+
+    Why not Pillow for every JPEG: on a 512x512 photo decoded at half scale, Pillow's open, draft
+    and chunked load cost 1.2 ms of CPU against 0.8 ms here, and a classifier's whole job is about
+    11 ms (measured with `python -m bench`, issue 10). The checks are the same as Pillow's path:
+    the pixel count, coded data long enough for the declared size, the memory reservation."""
+    if _file_size(handle) > _JPEG_IN_MEMORY:
+        return None
+    data = handle.read()
+    handle.seek(0)
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None  # Pillow's reading names the problem
+    if colorspace not in ("YCbCr", "Gray", "RGB"):
+        return None
+    _check_pixels(name, width * height, max_pixels)
+    _check_jpeg_data(io.BytesIO(data), name, len(data), width, height)
+    step = _jpeg_scale(_reduction(_source_box(width, height, size, crop), size))
+    decoded_w, decoded_h = math.ceil(width / step), math.ceil(height / step)
+    if memory is not None:
+        memory.reserve(decoded_w * decoded_h * (10 + WORKING_BYTES_PER_PIXEL), f"image '{name}'")
+    pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=decoded_w, min_height=decoded_h, strict=True)
+    box = _source_box(pixels.shape[1], pixels.shape[0], size, crop)
+    left, top = int(box[0]), int(box[1])
+    if box == (left, top, left + size[0], top + size[1]):  # the crop is whole pixels: no resampling
+        return np.ascontiguousarray(pixels[top:top + size[1], left:left + size[0]])
+    return _fit(Image.fromarray(pixels), box, size)
+
+
+def _jpeg_scale(reduction: float) -> int:
+    """The JPEG decoder's reduction (1, 2, 4 or 8) that keeps at least the target size."""
+    step = 1
+    while step < 8 and step * 2 <= reduction:
+        step *= 2
+    return step
 
 
 def _source_box(width: int, height: int, size: tuple[int, int], crop: float | None) -> Box:

@@ -10,6 +10,7 @@ import tifffile
 from PIL import Image, ImageFile, JpegImagePlugin
 
 from aicsd.errors import ImageError
+from pipeline import images
 from pipeline.images import load_rgb, read_pages, to_rgb8
 
 LIMIT = 100_000_000
@@ -496,7 +497,32 @@ def test_chelsea_jpeg_gives_a_224_rgb_image(tmp_path):
     assert np.abs(out.astype(int) - reference.astype(int)).mean() < 2
 
 
-def test_large_jpeg_is_decoded_at_reduced_size_with_the_same_result(tmp_path, monkeypatch):
+def _large_cat_jpeg(tmp_path):
+    path = tmp_path / "cat.jpg"
+    Image.fromarray(chelsea(2400, 1800)).save(path, quality=95)
+    with Image.open(path) as image:
+        full = image.convert("RGB")
+    return path, np.asarray(full.resize((224, 224), Image.Resampling.BILINEAR, box=(412.5, 112.5, 1987.5, 1687.5)))
+
+
+def test_large_jpeg_is_decoded_at_reduced_size_by_libjpeg_turbo_with_the_same_result(tmp_path, monkeypatch):
+    decoded = []
+    original = images.simplejpeg.decode_jpeg
+
+    def spy(data, **options):
+        pixels = original(data, **options)
+        decoded.append(pixels.shape)
+        return pixels
+
+    monkeypatch.setattr(images.simplejpeg, "decode_jpeg", spy)
+    path, reference = _large_cat_jpeg(tmp_path)
+    out = load_rgb(path, size=(224, 224), resize_type="crop", crop_fraction=0.875, max_pixels=LIMIT)
+    assert decoded == [(450, 600, 3)]  # 1800/4 x 2400/4: still covers 224 for the 1575-pixel crop box
+    assert out.shape == (224, 224, 3) and out.flags.c_contiguous
+    assert np.abs(out.astype(int) - reference.astype(int)).mean() < 3
+
+
+def test_jpeg_too_large_to_hold_in_memory_streams_through_pillow_at_reduced_size(tmp_path, monkeypatch):
     drafts = []
     original = JpegImagePlugin.JpegImageFile.draft
 
@@ -506,15 +532,23 @@ def test_large_jpeg_is_decoded_at_reduced_size_with_the_same_result(tmp_path, mo
         return result
 
     monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
-    path = tmp_path / "cat.jpg"
-    Image.fromarray(chelsea(2400, 1800)).save(path, quality=95)
+    monkeypatch.setattr(images, "_JPEG_IN_MEMORY", 1000)
+    path, reference = _large_cat_jpeg(tmp_path)
     out = load_rgb(path, size=(224, 224), resize_type="crop", crop_fraction=0.875, max_pixels=LIMIT)
     assert len(drafts) == 1 and drafts[0] is not None  # the decoder scaled the image down
-    with Image.open(path) as image:
-        full = image.convert("RGB")
-    reference = np.asarray(full.resize((224, 224), Image.Resampling.BILINEAR, box=(412.5, 112.5, 1987.5, 1687.5)))
     assert out.shape == (224, 224, 3)
     assert np.abs(out.astype(int) - reference.astype(int)).mean() < 3
+
+
+def test_jpeg_whose_crop_is_whole_decoded_pixels_is_cut_out_without_resampling(tmp_path):
+    pixels = chelsea(512, 512)
+    path = tmp_path / "cat512.jpg"
+    Image.fromarray(pixels).save(path, quality=95)
+    out = load_rgb(path, size=(224, 224), resize_type="crop", crop_fraction=0.875, max_pixels=LIMIT)
+    with Image.open(path) as image:
+        image.draft("RGB", (256, 256))  # the same half-scale decode
+        half = np.asarray(image.convert("RGB"))
+    assert np.abs(out.astype(int) - half[16:240, 16:240].astype(int)).max() <= 1
 
 
 def test_large_16_bit_tiff_matches_scaling_then_resizing_at_full_size(tmp_path):
