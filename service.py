@@ -138,6 +138,7 @@ class AicsdPipeline:
             device=self.settings.device,
             performance_hint=self.settings.performance_hint,
             cache_dir=self.settings.cache_dir,
+            latency_when_alone=self.settings.latency_when_alone,
         )
         self.runner = PipelineRunner(self.settings, self.repository)
         # Models present now are compiled and warmed up before the service says ready; later

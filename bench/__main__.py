@@ -107,7 +107,8 @@ def pipeline_alone(inputs: dict[str, list[Path]], seconds: float, concurrency: i
     from serving.settings import Settings
 
     settings = Settings.from_env({"PIPELINE_MODELS_DIR": str(REPO / "models"), "PIPELINE_CACHE_DIR": ""})
-    runner = PipelineRunner(settings, ModelRepository(settings.models_dir, cache_dir=None))
+    runner = PipelineRunner(settings, ModelRepository(settings.models_dir, cache_dir=None,
+                                                      latency_when_alone=settings.latency_when_alone))
     runner.pipeline("efficientnet-lite0").warm_up()
     figures = []
     for kind in ("jpeg512", "tiff1024"):

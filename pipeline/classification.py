@@ -119,7 +119,7 @@ class ClassificationPipeline:
     def warm_up(self) -> None:
         """One inference on a blank image, so the first real job pays no first-run cost."""
         width, height = self.size
-        self.model.infer(np.zeros((1, height, width, 3), np.uint8))
+        self.model.warm_up(np.zeros((1, height, width, 3), np.uint8))
 
     def _num_classes(self) -> int:
         output = self.model.compiled.output(0).get_partial_shape()

@@ -161,7 +161,7 @@ class CountingPipeline:
 
     def warm_up(self) -> None:
         side = max(64, self.min_side)
-        self.model.infer({0: np.zeros((1, 1, side, side), np.float32), 1: np.float32(1.0)})
+        self.model.warm_up({0: np.zeros((1, 1, side, side), np.float32), 1: np.float32(1.0)})
 
     def detect(self, page: np.ndarray, gray: np.ndarray, quality: PageQuality, params: CountingParams,
                number: int) -> list[Blob]:

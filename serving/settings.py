@@ -60,6 +60,11 @@ class Settings(DeclaredSettings):
     performance_hint: Literal["LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT"] = Field(
         "THROUGHPUT", description="OpenVINO performance hint"
     )
+    latency_when_alone: bool = Field(
+        True,
+        description="with THROUGHPUT, also compile our own models for LATENCY and use that for a job that runs "
+        "alone (about half the time; a second compiled copy of the model in memory)",
+    )
     cache_dir: Path | None = Field(
         default_factory=_default_cache_dir, description="compiled-model cache folder; empty disables it"
     )

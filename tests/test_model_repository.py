@@ -164,6 +164,64 @@ def test_concurrent_callers_each_get_their_own_result(tmp_path):
     assert errors == []
 
 
+def _spy_requests(model) -> list[bool]:
+    """Whether each inference of `model` ran on its latency compilation."""
+    used: list[bool] = []
+    run = model._run
+
+    def spy(request, inputs):
+        used.append(request is model._alone)
+        return run(request, inputs)
+
+    model._run = spy
+    return used
+
+
+def test_a_call_running_alone_uses_the_latency_compilation_with_the_same_result(tmp_path):
+    write_model(tmp_path / "m" / "1", channel_mean_classifier(8))
+    model = ModelRepository(tmp_path, performance_hint="THROUGHPUT", cache_dir=None, latency_when_alone=True).get("m")
+    assert model.latency_when_alone
+    used = _spy_requests(model)
+    for value in (3, 77, 250):
+        out = next(iter(model.infer(np.full((1, 8, 8, 3), value, np.uint8)).values()))
+        np.testing.assert_allclose(out, value)
+    assert used == [True, True, True]
+
+
+def test_concurrent_calls_share_the_throughput_requests_and_each_gets_its_own_result(tmp_path):
+    write_model(tmp_path / "m" / "1", channel_mean_classifier(64))
+    model = ModelRepository(tmp_path, performance_hint="THROUGHPUT", cache_dir=None, latency_when_alone=True).get("m")
+    used = _spy_requests(model)
+    errors: list[str] = []
+    start = threading.Barrier(6)
+
+    def worker(value: int) -> None:
+        start.wait()
+        for _ in range(40):
+            out = next(iter(model.infer(np.full((1, 64, 64, 3), value, np.uint8)).values()))
+            if not np.allclose(out, value):
+                errors.append(f"{value}: {out}")
+
+    threads = [threading.Thread(target=worker, args=(v,)) for v in (1, 10, 60, 120, 200, 250)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(used) == 240 and False in used  # overlapping calls went to the pool
+
+
+@pytest.mark.parametrize(("setting", "hint", "expected"), [
+    (True, None, True),
+    (False, None, False),
+    (True, "LATENCY", False),  # a model asking for latency needs no second copy
+])
+def test_latency_copy_only_where_throughput_is_compiled_and_it_is_asked_for(tmp_path, setting, hint, expected):
+    write_model(tmp_path / "m" / "1", channel_mean_classifier(8), {"performance_hint": hint} if hint else None)
+    repository = ModelRepository(tmp_path, performance_hint="THROUGHPUT", cache_dir=None, latency_when_alone=setting)
+    assert repository.get("m").latency_when_alone is expected
+
+
 def test_rt_info_labels_override_a_sidecar_label_list(tmp_path):
     write_model(tmp_path / "m" / "1", channel_mean_classifier(), {"labels": "a b c"})
     (tmp_path / "m" / "1" / "model_info.json").write_text(json.dumps({"labels": ["x x", "y", "z"]}))
