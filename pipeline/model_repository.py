@@ -15,7 +15,8 @@ import json
 import logging
 import queue
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,12 +122,39 @@ class ModelEntry:
         return self.model_file is not None
 
 
+class ActiveJobs:
+    """How many jobs this process is running through pipelines right now (`PipelineRunner` counts
+    them), so that a model can tell a job that runs alone from one among others."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._lock = threading.Lock()
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    @contextmanager
+    def job(self) -> Iterator[None]:
+        with self._lock:
+            self._count += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._count -= 1
+
+
+ACTIVE_JOBS = ActiveJobs()
+
+
 class CompiledModel:
     """A model compiled once, with a pool of infer requests for concurrent callers.
 
     With `alone`, a second compilation of the same model for latency (one stream over all cores),
-    a call that finds no other call of this model running uses it: a job that runs alone finishes
-    in about half the time, while concurrent jobs share the throughput streams as before.
+    a call made while no other job is running (`ACTIVE_JOBS`) nor any other call of this model
+    uses it: a job that runs alone finishes in about half the time. Among other jobs, even ones
+    still decoding their image, calls share the throughput streams, which cost less CPU each.
     """
 
     def __init__(
@@ -178,7 +206,7 @@ class CompiledModel:
     def infer(self, inputs: np.ndarray | Mapping[Any, np.ndarray | np.generic]) -> dict[str, np.ndarray]:
         """Run one inference; outputs are copied out before it returns."""
         with self._running_lock:
-            alone = self._running == 0 and self._alone is not None
+            alone = self._running == 0 and self._alone is not None and ACTIVE_JOBS.count <= 1
             self._running += 1
         try:
             if alone:

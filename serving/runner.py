@@ -20,7 +20,7 @@ from pipeline.classification import ClassificationPipeline
 from pipeline.counting import CountingPipeline
 from pipeline.memory import MIB, MemoryBudget
 from pipeline.model_api import ModelApiModel, ModelApiPipeline, own_kind
-from pipeline.model_repository import CompiledModel, ModelEntry, ModelRepository, no_model_file
+from pipeline.model_repository import ACTIVE_JOBS, CompiledModel, ModelEntry, ModelRepository, no_model_file
 
 from .files import open_input_file, open_output_folder
 from .settings import Settings
@@ -168,7 +168,8 @@ class PipelineRunner:
             model_name = model()  # first: the task look-up may defer the job before any file is opened
             with self._task(open_input, open_output, params, job_log, record_files) as task:
                 job_log.info("running model %s on %s", shown(model_name), shown(task.input_file.path))
-                outcome = self.pipeline(model_name).run(task)
+                with ACTIVE_JOBS.job():
+                    outcome = self.pipeline(model_name).run(task)
         except PipelineError as exc:
             job_log.warning("pipeline failed: %s", shown(exc, 1000))
             return PipelineOutcome.failed(str(exc))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from aicsd.errors import ModelError
-from pipeline.model_repository import ModelInfo, ModelRepository
+from pipeline.model_repository import ACTIVE_JOBS, ModelInfo, ModelRepository
 
 from .tiny_models import channel_mean_classifier, identity_image, write_model
 
@@ -209,6 +209,18 @@ def test_concurrent_calls_share_the_throughput_requests_and_each_gets_its_own_re
         t.join()
     assert errors == []
     assert len(used) == 240 and False in used  # overlapping calls went to the pool
+
+
+def test_a_call_made_while_another_job_runs_uses_the_throughput_requests(tmp_path):
+    write_model(tmp_path / "m" / "1", channel_mean_classifier(8))
+    model = ModelRepository(tmp_path, performance_hint="THROUGHPUT", cache_dir=None, latency_when_alone=True).get("m")
+    used = _spy_requests(model)
+    image = np.full((1, 8, 8, 3), 9, np.uint8)
+    with ACTIVE_JOBS.job():  # this job
+        model.infer(image)
+        with ACTIVE_JOBS.job():  # another one, still decoding its image
+            model.infer(image)
+    assert used == [True, False]
 
 
 @pytest.mark.parametrize(("setting", "hint", "expected"), [
