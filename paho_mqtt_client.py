@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     aicsd = AicsdClient()
     forwarder = Forwarder(config, spool, aicsd)
     try:
-        receiver = Receiver(config, spool, on_job=forwarder.notify)
+        receiver = Receiver(config, spool, on_jobs=forwarder.notify)
     except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError: unusable TLS files
         print(f"error: mqtt.tls: the certificate or key files cannot be used: {exc}", file=sys.stderr)
         spool.close()

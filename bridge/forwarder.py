@@ -138,10 +138,10 @@ class Forwarder:
         with self._wake:
             return len(self._unrecorded)
 
-    def notify(self) -> None:
-        """A job was added to the spool: wake an idle worker."""
+    def notify(self, jobs: int = 1) -> None:
+        """`jobs` jobs were queued in the spool: wake as many idle workers."""
         with self._wake:
-            self._wake.notify()
+            self._wake.notify(jobs)
 
     def stop(self, grace: float) -> None:
         """Stop taking jobs; wait up to `grace` seconds for jobs in flight, then leave the rest queued."""

@@ -262,7 +262,7 @@ class TestMetrics:
         spool = Spool(tmp_path / "spool.db", clock=lambda: 100.0)
         aicsd = AicsdClient()
         forwarder = Forwarder(config, spool, aicsd)
-        receiver = Receiver(config, spool, on_job=forwarder.notify)
+        receiver = Receiver(config, spool, on_jobs=forwarder.notify)
         spool.add("j1", "t1", "{}")
         spool.add("j2", "t2", "{}")
         spool.claim()
