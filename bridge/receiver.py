@@ -37,7 +37,8 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import ValidationError
 
-from aicsd.job import JobRequest
+from aicsd.errors import JobRejected
+from aicsd.job import Job, JobRequest
 from aicsd.logs import shown
 
 from .config import BridgeConfig
@@ -85,15 +86,17 @@ def inspect_payload(raw: bytes, allowed_hosts: frozenset[str], gateway_ip: str =
         return Receipt(None, text, dead_reason=f"payload is not JSON: {exc}")
     if not isinstance(data, dict):
         return Receipt(None, text, dead_reason=f"payload is a JSON {type(data).__name__}, not an object")
-    callbacks = usable_callbacks(data, allowed_hosts)
     try:
-        JobRequest.model_validate(data)
+        request = JobRequest.model_validate(data)
     except ValidationError as exc:
         reason = f"invalid job: {_validation_summary(exc)}"
+        callbacks = usable_callbacks(data, allowed_hosts)  # the URLs alone may still be usable
         if callbacks is None:
             return Receipt(None, text, dead_reason=reason)
         return Receipt((callbacks.job_id, callbacks.task_id), text, reject_reason=reason)
-    if callbacks is None:
+    try:
+        callbacks = Job.from_request(request, allowed_hosts).callbacks
+    except JobRejected:
         return Receipt(None, text, dead_reason="callback host not in bridge.callback_hosts: AiCSD cannot be told")
     body = json.dumps({**data, "GatewayIP": gateway_ip}, separators=(",", ":"), ensure_ascii=False)
     return Receipt((callbacks.job_id, callbacks.task_id), body)
