@@ -368,7 +368,9 @@ class Receiver:
                 pass
 
     def _stored(self, messages: Sequence[_Message], arrivals: Sequence[Arrival | None]) -> None:
-        """Count and log what the spool did with each message; wake the forwarder for new jobs."""
+        """Count and log what the spool did with each message; wake the forwarder for new jobs.
+        New jobs stored together are logged in one line that names each of them."""
+        new: list[tuple[str, str]] = []
         queued = 0
         for message, arrival in zip(messages, arrivals, strict=True):
             receipt = message.receipt
@@ -378,20 +380,22 @@ class Receiver:
                           shown(message.payload, 120))
                 continue
             assert receipt.key is not None
-            job_id, task_id = receipt.key
+            ids = f"job={shown(receipt.key[0])} task={shown(receipt.key[1])}"
             invalid = " (invalid, will be failed)" if receipt.reject_reason else ""
             if arrival is Arrival.DUPLICATE:
                 self.duplicates += 1
-                log.info("job=%s task=%s received again while still queued or in flight: collapsed",
-                         shown(job_id), shown(task_id))
+                log.info("%s received again while still queued or in flight: collapsed", ids)
                 continue
             self.spooled += 1
             queued += 1
             if arrival is Arrival.AGAIN:
                 self.again += 1
-                log.info("job=%s task=%s published again after the bridge had finished it: taken again%s",
-                         shown(job_id), shown(task_id), invalid)
+                log.info("%s published again after the bridge had finished it: taken again%s", ids, invalid)
             else:
-                log.info("job=%s task=%s received%s", shown(job_id), shown(task_id), invalid)
+                new.append((ids, invalid))
+        if len(new) == 1:
+            log.info("%s received%s", *new[0])
+        elif new:
+            log.info("received %d jobs: %s", len(new), ", ".join(ids + invalid for ids, invalid in new))
         if queued:
             self.on_jobs(queued)
