@@ -29,7 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Arrival", "Backlog", "DeadLetter", "NewJob", "Spool", "SpoolCounts", "SpoolError", "SpooledJob"]
+__all__ = [
+    "Arrival", "Backlog", "DeadLetter", "Done", "Failed", "NewJob", "Outcome", "RetryLater", "Spool", "SpoolCounts",
+    "SpoolError", "SpooledJob",
+]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -124,6 +127,39 @@ class SpooledJob:
     @property
     def key(self) -> tuple[str, str]:
         return (self.job_id, self.task_id)
+
+
+@dataclass(frozen=True)
+class Done:
+    """The service answered 200: the job is done."""
+
+    key: tuple[str, str]
+
+
+@dataclass(frozen=True)
+class RetryLater:
+    """Queue the job again after `delay` s; `service_answered` records that the service has seen it."""
+
+    key: tuple[str, str]
+    delay: float
+    error: str
+    service_answered: bool = False
+
+
+@dataclass(frozen=True)
+class Failed:
+    """End the job as failed and keep it in the dead-letter table with the reason."""
+
+    job: SpooledJob
+    reason: str
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.job.key
+
+
+Outcome = Done | RetryLater | Failed
+"""What a job's turn ended in, to record in the spool."""
 
 
 @dataclass(frozen=True)
@@ -282,23 +318,61 @@ class Spool:
         """Return jobs a stopped bridge left in flight to the queue; the count of them."""
         return self._write("UPDATE jobs SET state = 'queued' WHERE state = 'inflight'", (), synced=True)
 
-    def claim(self) -> SpooledJob | None:
-        """The oldest queued job that is due, marked in flight; None when there is none."""
+    def take(self, finished: Sequence[Outcome] = (), limit: int = 1) -> list[SpooledJob]:
+        """Record the outcomes of finished jobs, then claim up to `limit` due jobs, oldest first,
+        marked in flight: one transaction, not synced to disk (see the module docstring)."""
+        now = self._clock()
         with self._transaction(synced=False) as db:
-            row = db.execute(
+            for outcome in finished:
+                self._record(db, outcome, now)
+            if limit <= 0:
+                return []
+            rows = db.execute(
                 "SELECT job_id, task_id, payload, received_at, attempts, reject_reason, last_error,"
                 " unexpected_errors, service_answered FROM jobs"
-                " WHERE state = 'queued' AND next_attempt_at <= ? ORDER BY received_at, rowid LIMIT 1",
-                (self._clock(),),
-            ).fetchone()
-            if row is not None:
-                db.execute(
-                    "UPDATE jobs SET state = 'inflight', attempts = attempts + 1 WHERE job_id = ? AND task_id = ?",
-                    (row[0], row[1]),
-                )
-        if row is None:
-            return None
-        return SpooledJob(row[0], row[1], row[2], row[3], row[4] + 1, row[5], row[6], row[7], bool(row[8]))
+                " WHERE state = 'queued' AND next_attempt_at <= ? ORDER BY received_at, rowid LIMIT ?",
+                (now, limit),
+            ).fetchall()
+            db.executemany(
+                "UPDATE jobs SET state = 'inflight', attempts = attempts + 1 WHERE job_id = ? AND task_id = ?",
+                [row[:2] for row in rows],
+            )
+        return [SpooledJob(row[0], row[1], row[2], row[3], row[4] + 1, row[5], row[6], row[7], bool(row[8]))
+                for row in rows]
+
+    def claim(self) -> SpooledJob | None:
+        """The oldest queued job that is due, marked in flight; None when there is none."""
+        jobs = self.take()
+        return jobs[0] if jobs else None
+
+    def finish(self, outcomes: Sequence[Outcome]) -> None:
+        """Record the outcomes of finished jobs in one transaction, not synced to disk."""
+        self.take(outcomes, limit=0)
+
+    @staticmethod
+    def _record(db: sqlite3.Connection, outcome: Outcome, now: float) -> None:
+        if isinstance(outcome, Done):
+            db.execute(
+                "UPDATE jobs SET state = 'done', finished_at = ?, last_error = NULL, service_answered = 1"
+                " WHERE job_id = ? AND task_id = ?",
+                (now, *outcome.key),
+            )
+        elif isinstance(outcome, RetryLater):
+            db.execute(
+                "UPDATE jobs SET state = 'queued', next_attempt_at = ?, last_error = ?,"
+                " service_answered = MAX(service_answered, ?) WHERE job_id = ? AND task_id = ?",
+                (now + outcome.delay, outcome.error, int(outcome.service_answered), *outcome.key),
+            )
+        else:
+            job = outcome.job
+            db.execute(
+                "UPDATE jobs SET state = 'failed', finished_at = ?, last_error = ? WHERE job_id = ? AND task_id = ?",
+                (now, outcome.reason, job.job_id, job.task_id),
+            )
+            db.execute(
+                "INSERT INTO dead_letters (at, topic, job_id, task_id, payload, reason) VALUES (?, NULL, ?, ?, ?, ?)",
+                (now, job.job_id, job.task_id, job.payload, outcome.reason),
+            )
 
     def next_due(self) -> float | None:
         """When the next queued job becomes due (a clock time), or None when nothing is queued."""
@@ -306,19 +380,15 @@ class Spool:
         return None if due is None else float(due)
 
     def complete(self, key: tuple[str, str]) -> None:
-        self._write(
-            "UPDATE jobs SET state = 'done', finished_at = ?, last_error = NULL, service_answered = 1"
-            " WHERE job_id = ? AND task_id = ?",
-            (self._clock(), *key),
-        )
+        self.finish([Done(key)])
 
     def retry_later(self, key: tuple[str, str], delay: float, error: str, *, service_answered: bool = False) -> None:
         """Queue the job again after `delay` s; `service_answered` records that the service has seen it."""
-        self._write(
-            "UPDATE jobs SET state = 'queued', next_attempt_at = ?, last_error = ?,"
-            " service_answered = MAX(service_answered, ?) WHERE job_id = ? AND task_id = ?",
-            (self._clock() + delay, error, int(service_answered), *key),
-        )
+        self.finish([RetryLater(key, delay, error, service_answered)])
+
+    def fail(self, job: SpooledJob, reason: str) -> None:
+        """End a job as failed and keep it in the dead-letter table with the reason."""
+        self.finish([Failed(job, reason)])
 
     def unexpected_error(self, key: tuple[str, str], delay: float, error: str) -> int:
         """Count an error the bridge did not foresee against the job and queue it again; the count so far."""
@@ -338,19 +408,6 @@ class Spool:
             " AND state = 'inflight'",
             key,
         )
-
-    def fail(self, job: SpooledJob, reason: str) -> None:
-        """End a job as failed and keep it in the dead-letter table with the reason."""
-        now = self._clock()
-        with self._transaction(synced=False) as db:
-            db.execute(
-                "UPDATE jobs SET state = 'failed', finished_at = ?, last_error = ? WHERE job_id = ? AND task_id = ?",
-                (now, reason, job.job_id, job.task_id),
-            )
-            db.execute(
-                "INSERT INTO dead_letters (at, topic, job_id, task_id, payload, reason) VALUES (?, NULL, ?, ?, ?, ?)",
-                (now, job.job_id, job.task_id, job.payload, reason),
-            )
 
     def prune(self, older_than: float) -> int:
         """Forget finished jobs (and earlier runs) older than `older_than` seconds."""
