@@ -2,9 +2,11 @@
 
 A worker short of a job takes the oldest due ones from the spool, one for itself and one for
 each other worker, and records the outcomes of the jobs finished since the last take in the same
-transaction: one spool transaction per `concurrency` jobs, not two per job. So a job is recorded
-done a moment after its line `forwarded` is logged (at once when the bridge is idle), and the
-spool's in-flight count includes the jobs taken for workers about to be free.
+transaction: one spool transaction per `concurrency` jobs, not two per job. The `forwarded` line
+of each job the service answered 200 for is logged then, once its outcome is recorded, with the
+lines of the other jobs recorded with it: a job is done in the spool a moment after the service
+answered (at once when the bridge is idle), and the spool's in-flight count includes the jobs
+taken for workers about to be free.
 
 Connection errors, timeouts and 5xx answers (the service restarting, or AiCSD unreachable
 behind it) are retried with exponential backoff for as long as the job is younger than
@@ -29,6 +31,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
@@ -46,6 +49,14 @@ from .spool import Done, Failed, Outcome, RetryLater, Spool, SpooledJob, SpoolEr
 __all__ = ["Forwarder", "usable_callbacks"]
 
 log = logging.getLogger("bridge.forwarder")
+
+
+@dataclass(frozen=True)
+class _Forwarded(Done):
+    """Done: the service answered 200; with the job and the answer, for the job's log line."""
+
+    job: SpooledJob
+    answer: HttpResponse
 
 
 def _job_log(job: SpooledJob) -> JobLog:
@@ -155,6 +166,7 @@ class Forwarder:
                 self._keep_unrecorded(finished, exc)
             else:
                 self._recorded(finished)
+            _log_forwarded(finished)
         self._record_unrecorded()
         with self._wake:
             left = [key for key in self._inflight if key not in self._unrecorded]
@@ -203,7 +215,9 @@ class Forwarder:
                     self._inflight.update(job.key for job in jobs)
                     self._ready.extend(jobs[1:])
                     self._wake.notify(len(jobs) - 1)
-                return jobs[0]
+        _log_forwarded(finished)
+        if jobs:
+            return jobs[0]
         self._idle(pause)
         return None
 
@@ -263,9 +277,7 @@ class Forwarder:
         if response.status_code == 200:
             with self._counting:
                 self.forwarded += 1
-            log.info("job=%s task=%s forwarded (attempt %d): %s", shown(job.job_id), shown(job.task_id),
-                     job.attempts, _field(response, "Status") or "done")
-            return Done(job.key)
+            return _Forwarded(job.key, job, response)
         if response.status_code >= 500:
             return self._retry(job, f"service answered {response.status_code}: {shown(response.text, 300)}", True)
         reason = f"service refused the job ({response.status_code}): {_error_text(response)}"
@@ -383,6 +395,15 @@ def usable_callbacks(payload: str | Mapping[str, Any], allowed_hosts: frozenset[
         return Job.from_request(request, allowed_hosts).callbacks
     except (ValueError, ValidationError, JobRejected, AttributeError, TypeError):
         return None
+
+
+def _log_forwarded(outcomes: Sequence[Outcome]) -> None:
+    """The line of each job among `outcomes` that the service answered 200 for."""
+    for outcome in outcomes:
+        if isinstance(outcome, _Forwarded):
+            job = outcome.job
+            log.info("job=%s task=%s forwarded (attempt %d): %s", shown(job.job_id), shown(job.task_id),
+                     job.attempts, _field(outcome.answer, "Status") or "done")
 
 
 def _field(response: HttpResponse, name: str) -> str | None:
