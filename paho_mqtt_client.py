@@ -52,7 +52,7 @@ def open_spool(config: BridgeConfig) -> Spool:
 def status_line(spool: Spool, receiver: Receiver, forwarder: Forwarder, workers: int) -> str:
     """The whole truth in one line: jobs, the broker, the spool, the workers."""
     try:
-        counts = spool.counts().line()
+        counts = forwarder.counts().line()
     except SpoolError as exc:
         counts = f"counts unavailable ({exc})"
     broker = "connected" if receiver.connected else f"down ({receiver.problem or 'connecting'})"
