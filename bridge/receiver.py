@@ -54,6 +54,10 @@ OFFLINE = b"offline"
 
 log = logging.getLogger("bridge.receiver")
 
+# The service's request body: compact, and ASCII so that any JSON a job holds can be stored, even a
+# lone surrogate (an escaped "\ud800" decodes to a str that UTF-8 cannot encode).
+_BODY = json.JSONEncoder(separators=(",", ":"))
+
 
 @dataclass(frozen=True)
 class Receipt:
@@ -98,8 +102,7 @@ def inspect_payload(raw: bytes, allowed_hosts: frozenset[str], gateway_ip: str =
     update, status = request.callback_urls()
     if not (host_allowed(update, allowed_hosts) and host_allowed(status, allowed_hosts)):
         return Receipt(None, text, dead_reason="callback host not in bridge.callback_hosts: AiCSD cannot be told")
-    body = json.dumps({**data, "GatewayIP": gateway_ip}, separators=(",", ":"), ensure_ascii=False)
-    return Receipt((update.job_id, update.task_id), body)
+    return Receipt((update.job_id, update.task_id), _BODY.encode({**data, "GatewayIP": gateway_ip}))
 
 
 @dataclass(frozen=True)
