@@ -316,6 +316,15 @@ class Receiver:
         except SpoolError as exc:
             self._keep_unstored(batch, exc)
             return
+        except Exception:
+            if len(batch) == 1:
+                # Not acknowledged: the broker delivers it again after a reconnect.
+                log.exception("could not store message %s on %s; not acknowledged", batch[0].mid,
+                              shown(batch[0].topic))
+                return
+            for message in batch:  # one at a time: only the message at fault is left out
+                self._store([message])
+            return
         self._acknowledge(batch)
         self._stored(batch, arrivals)
 
