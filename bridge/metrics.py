@@ -68,7 +68,7 @@ class BridgeCollector:
         yield GaugeMetricFamily(PREFIX + "unrecorded_results", "results held for a spool that cannot record them",
                                 value=forwarder.unrecorded)
         try:
-            backlog = self.spool.backlog()
+            backlog = self.forwarder.backlog()
         except SpoolError as exc:
             # Left out rather than made up: an absent series is what an alert can see.
             log.warning("metrics: spool figures left out of this scrape: %s", exc)

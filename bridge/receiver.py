@@ -2,8 +2,12 @@
 
 The session is persistent (fixed client id, clean_session off), subscribes at QoS 1 inside
 `on_connect` so a reconnect renews the subscription, and acknowledges a message only after it is
-committed to the spool (manual acknowledgement). `on_message` stays thin and never raises: an
-exception there would stop paho's network loop.
+committed to the spool and synced to disk (manual acknowledgement). `on_message` stays thin and
+never raises (an exception there would stop paho's network loop): it reads the message
+(`inspect_payload`) and hands it to the spool writer, a thread of its own. The writer stores every
+message waiting in one transaction, one sync to disk for all of them, and then acknowledges them:
+under a burst one sync covers many jobs, and a job that comes alone is stored at once, in a
+transaction of its own, never held back to wait for company.
 
 A message the spool cannot take (a full disk) is not acknowledged: it is kept in memory and
 stored again every second, and acknowledged once stored, so jobs flow again by themselves when
@@ -19,11 +23,13 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import socket
 import ssl
 import sys
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,20 +37,26 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import ValidationError
 
+from aicsd.callback_rules import host_allowed
 from aicsd.job import JobRequest
 from aicsd.logs import shown
 
 from .config import BridgeConfig
 from .forwarder import usable_callbacks
-from .spool import Arrival, Spool, SpoolError
+from .spool import Arrival, DeadLetter, NewJob, Spool, SpoolError
 
 __all__ = ["Receipt", "Receiver", "connection_failure", "inspect_payload"]
 
 MAX_UNSTORED = 1000
+RETRY_CHUNK = 64  # messages per transaction when stored again: a nearly full disk still takes some
 ONLINE = b"online"
 OFFLINE = b"offline"
 
 log = logging.getLogger("bridge.receiver")
+
+# The service's request body: compact, and ASCII so that any JSON a job holds can be stored, even a
+# lone surrogate (an escaped "\ud800" decodes to a str that UTF-8 cannot encode).
+_BODY = json.JSONEncoder(separators=(",", ":"))
 
 
 @dataclass(frozen=True)
@@ -78,29 +90,38 @@ def inspect_payload(raw: bytes, allowed_hosts: frozenset[str], gateway_ip: str =
         return Receipt(None, text, dead_reason=f"payload is not JSON: {exc}")
     if not isinstance(data, dict):
         return Receipt(None, text, dead_reason=f"payload is a JSON {type(data).__name__}, not an object")
-    callbacks = usable_callbacks(data, allowed_hosts)
     try:
-        JobRequest.model_validate(data)
+        request = JobRequest.model_validate(data)
     except ValidationError as exc:
         reason = f"invalid job: {_validation_summary(exc)}"
+        callbacks = usable_callbacks(data, allowed_hosts)  # the URLs alone may still be usable
         if callbacks is None:
             return Receipt(None, text, dead_reason=reason)
         return Receipt((callbacks.job_id, callbacks.task_id), text, reject_reason=reason)
-    if callbacks is None:
+    # Job.from_request's host rule, without the typed job it builds: the bridge only needs the key.
+    update, status = request.callback_urls()
+    if not (host_allowed(update, allowed_hosts) and host_allowed(status, allowed_hosts)):
         return Receipt(None, text, dead_reason="callback host not in bridge.callback_hosts: AiCSD cannot be told")
-    body = json.dumps({**data, "GatewayIP": gateway_ip}, separators=(",", ":"), ensure_ascii=False)
-    return Receipt((callbacks.job_id, callbacks.task_id), body)
+    return Receipt((update.job_id, update.task_id), _BODY.encode({**data, "GatewayIP": gateway_ip}))
 
 
 @dataclass(frozen=True)
-class _Unstored:
-    """A message received but not yet stored, hence not acknowledged."""
+class _Message:
+    """A message received and read, not stored yet, hence not acknowledged."""
 
     mid: int
     qos: int
     topic: str
     payload: bytes
-    session: int
+    session: int  # the connection it came on: acknowledged on that one only
+    receipt: Receipt
+
+    def arrival(self) -> NewJob | DeadLetter:
+        receipt = self.receipt
+        if receipt.dead_reason is not None:
+            return DeadLetter(receipt.dead_reason, self.payload, self.topic, receipt.key)
+        assert receipt.key is not None and receipt.text is not None
+        return NewJob(*receipt.key, receipt.text, receipt.reject_reason)
 
 
 def connection_failure(exc: BaseException | None, host: str, port: int) -> str:
@@ -130,14 +151,14 @@ def refusal(reason: Any) -> str:
 
 
 class Receiver:
-    """Owns the paho client; stores each message in the spool, then acknowledges it."""
+    """Owns the paho client and the spool writer: stores each message in the spool, then acknowledges it."""
 
-    def __init__(self, config: BridgeConfig, spool: Spool, on_job: Callable[[], None]) -> None:
+    def __init__(self, config: BridgeConfig, spool: Spool, on_jobs: Callable[[int], None]) -> None:
         self.config = config
         self.spool = spool
-        self.on_job = on_job
-        # Counts since start, for the status line and the metrics (bridge.metrics); each is changed
-        # under `_lock`, since the paho thread and the spool-retry thread both store messages.
+        self.on_jobs = on_jobs  # told how many jobs were just queued in the spool
+        # Counts since start, for the status line and the metrics (bridge.metrics). Each has one
+        # writer: `received` paho's thread, the others the spool writer.
         self.received = 0       # messages from the broker, redeliveries included
         self.spooled = 0        # jobs queued in the spool: new ones and ones taken again
         self.duplicates = 0     # redeliveries of a job still queued or in flight, collapsed
@@ -146,11 +167,11 @@ class Receiver:
         self.connected = False
         self.problem: str | None = None  # why the broker is down, for the status line
         self._session = 0
-        self._lock = threading.Lock()
-        self._unstored: list[_Unstored] = []
+        self._waiting: queue.SimpleQueue[_Message | None] = queue.SimpleQueue()  # None: stop
+        self._unstored: list[_Message] = []  # the spool writer's alone
         self._overflowed = False
         self._stopping = threading.Event()
-        self._retrier: threading.Thread | None = None
+        self._writer: threading.Thread | None = None
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=config.client_id,
@@ -183,14 +204,18 @@ class Receiver:
             self.config.mqtt_hostname, self.config.mqtt_port, self.config.client_id,
             self.config.subscription, self.config.qos, self.config.status_topic,
         )
-        self._retrier = threading.Thread(target=self._store_unstored, name="spool-retry", daemon=True)
-        self._retrier.start()
+        self._writer = threading.Thread(target=self._write, name="spool-writer", daemon=True)
+        self._writer.start()
         self.client.connect_async(self.config.mqtt_hostname, self.config.mqtt_port, self.config.keepalive)
         self.client.loop_start()
 
     def stop(self) -> None:
-        """Say `offline` (retained) while still connected, then disconnect cleanly."""
+        """Store and acknowledge what was received, say `offline` (retained) while still
+        connected, then disconnect cleanly. Messages that come meanwhile are left to the broker."""
         self._stopping.set()
+        self._waiting.put(None)
+        if self._writer is not None:
+            self._writer.join(10)
         if self.connected:
             try:
                 self.client.publish(self.config.status_topic, OFFLINE, qos=1, retain=True).wait_for_publish(5)
@@ -198,13 +223,10 @@ class Receiver:
                 log.warning("could not announce offline: %s", exc)
         self.client.disconnect()
         self.client.loop_stop()
-        if self._retrier is not None:
-            self._retrier.join(5)
 
     @property
     def unstored(self) -> int:
-        with self._lock:
-            return len(self._unstored)
+        return len(self._unstored)
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if reason.is_failure:
@@ -215,8 +237,7 @@ class Receiver:
         if isinstance(sock, socket.socket):
             # paho leaves Nagle on: acknowledgements would wait ~40 ms for more data.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        with self._lock:
-            self._session += 1
+        self._session += 1
         self.connected = True
         self.problem = None
         log.info("connected to the broker (session present: %s)", flags.session_present)
@@ -246,65 +267,110 @@ class Receiver:
             log.info("disconnected from the broker")
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        self.received += 1
+        if self._stopping.is_set():
+            return  # not acknowledged: the broker keeps it for the next start
         try:
-            with self._lock:
-                self.received += 1
-            self._store(bytes(message.payload), message.topic)
-        except SpoolError as exc:
-            self._keep_unstored(message, exc)
-            return
+            payload = bytes(message.payload)
+            receipt = inspect_payload(payload, self.config.callback_hosts, self.config.gateway_ip)
+            self._waiting.put(_Message(message.mid, message.qos, message.topic, payload, self._session, receipt))
         except Exception:
             # Not acknowledged: the broker delivers it again after a reconnect.
             log.exception("could not handle message %s on %s; not acknowledged", message.mid, shown(message.topic))
-            return
-        client.ack(message.mid, message.qos)
 
-    def _keep_unstored(self, message: mqtt.MQTTMessage, exc: SpoolError) -> None:
-        with self._lock:
+    def _write(self) -> None:
+        """The spool writer: stores every message waiting in one transaction, then acknowledges them;
+        stores the messages the spool could not take again every second. Ends at `stop`."""
+        retry_at = 0.0
+        stop = False
+        while not stop:
+            try:
+                first = self._waiting.get(timeout=1.0 if self._unstored else None)
+            except queue.Empty:
+                first = None
+            else:
+                stop = first is None
+            batch = [] if first is None else [first]
+            while not stop:
+                try:
+                    item = self._waiting.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                else:
+                    batch.append(item)
+            try:
+                if self._unstored and time.monotonic() >= retry_at:
+                    retry_at = time.monotonic() + 1.0
+                    self._store_unstored()
+                if batch:
+                    self._store(batch)
+            except Exception:
+                # Not acknowledged: the broker delivers them again after a reconnect.
+                log.exception("could not store %d message(s); not acknowledged", len(batch))
+
+    def _store(self, batch: list[_Message]) -> None:
+        try:
+            arrivals = self.spool.store([message.arrival() for message in batch])
+        except SpoolError as exc:
+            self._keep_unstored(batch, exc)
+            return
+        except Exception:
+            if len(batch) == 1:
+                # Not acknowledged: the broker delivers it again after a reconnect.
+                log.exception("could not store message %s on %s; not acknowledged", batch[0].mid,
+                              shown(batch[0].topic))
+                return
+            for message in batch:  # one at a time: only the message at fault is left out
+                self._store([message])
+            return
+        self._acknowledge(batch)
+        self._stored(batch, arrivals)
+
+    def _acknowledge(self, messages: Sequence[_Message], late: bool = False) -> None:
+        """Acknowledge stored messages that came on the current connection. One that came on an
+        earlier connection is sent again by the broker, and collapsed then."""
+        for message in messages:
+            current = message.session == self._session and self.connected
+            if current:
+                self.client.ack(message.mid, message.qos)
+            if late:
+                log.info("message %s stored at last%s", message.mid, "" if current else
+                         " (its connection is gone: the broker sends it again, and it is collapsed then)")
+
+    def _keep_unstored(self, messages: Sequence[_Message], exc: SpoolError) -> None:
+        for message in messages:
             if len(self._unstored) < MAX_UNSTORED:
-                self._unstored.append(
-                    _Unstored(message.mid, message.qos, message.topic, bytes(message.payload), self._session)
-                )
+                self._unstored.append(message)
                 kept = True
             else:
                 self._overflowed = True
                 kept = False
-        log.error(
-            "cannot store message %s on %s, not acknowledged; %s: %s", message.mid, shown(message.topic),
-            "storing it again every second" if kept else "left to the broker until the spool works", exc,
-        )
+            log.error(
+                "cannot store message %s on %s, not acknowledged; %s: %s", message.mid, shown(message.topic),
+                "storing it again every second" if kept else "left to the broker until the spool works", exc,
+            )
 
     def _store_unstored(self) -> None:
         """Store kept messages once the spool takes them again, acknowledging each one stored."""
-        while not self._stopping.wait(1.0):
-            with self._lock:
-                waiting = list(self._unstored)
+        while self._unstored:
+            chunk = self._unstored[:RETRY_CHUNK]
             try:
-                for item in waiting:
-                    try:
-                        self._store(item.payload, item.topic)
-                    except SpoolError:
-                        break
-                    with self._lock:
-                        self._unstored.remove(item)
-                        current = item.session == self._session and self.connected
-                    if current:
-                        self.client.ack(item.mid, item.qos)
-                    log.info("message %s stored at last%s", item.mid, "" if current else
-                             " (its connection is gone: the broker sends it again, and it is collapsed then)")
-                with self._lock:
-                    renew = self._overflowed and not self._unstored
-                if renew:
-                    self._renew_connection()
-            except Exception:
-                log.exception("storing kept messages went wrong; trying again")
+                arrivals = self.spool.store([message.arrival() for message in chunk])
+            except SpoolError:
+                return
+            del self._unstored[:len(chunk)]
+            self._acknowledge(chunk, late=True)
+            self._stored(chunk, arrivals)
+        if self._overflowed:
+            self._renew_connection()
 
     def _renew_connection(self) -> None:
         """Drop the connection so that paho reconnects and the broker sends unacknowledged messages again."""
         if self.spool.failing is not None:
             return
-        with self._lock:
-            self._overflowed = False
+        self._overflowed = False
         log.warning("the spool works again: reconnecting so that the broker sends the messages left with it")
         sock = self.client.socket()
         if isinstance(sock, socket.socket):
@@ -313,31 +379,35 @@ class Receiver:
             except OSError:
                 pass
 
-    def _store(self, payload: bytes, topic: str) -> None:
-        receipt = inspect_payload(payload, self.config.callback_hosts, self.config.gateway_ip)
-        if receipt.dead_reason is not None:
-            self.spool.dead_letter(receipt.dead_reason, payload, topic=topic, key=receipt.key)
-            with self._lock:
+    def _stored(self, messages: Sequence[_Message], arrivals: Sequence[Arrival | None]) -> None:
+        """Count and log what the spool did with each message; wake the forwarder for new jobs.
+        New jobs stored together are logged in one line that names each of them."""
+        new: list[tuple[str, str]] = []
+        queued = 0
+        for message, arrival in zip(messages, arrivals, strict=True):
+            receipt = message.receipt
+            if arrival is None:
                 self.dead_lettered += 1
-            log.error("dead-lettered message on %s: %s (payload %s)", shown(topic), receipt.dead_reason,
-                      shown(payload, 120))
-            return
-        assert receipt.key is not None and receipt.text is not None
-        arrival = self.spool.add(*receipt.key, receipt.text, reject_reason=receipt.reject_reason)
-        ids = tuple(map(shown, receipt.key))
-        invalid = " (invalid, will be failed)" if receipt.reject_reason else ""
-        with self._lock:
+                log.error("dead-lettered message on %s: %s (payload %s)", shown(message.topic), receipt.dead_reason,
+                          shown(message.payload, 120))
+                continue
+            assert receipt.key is not None
+            ids = f"job={shown(receipt.key[0])} task={shown(receipt.key[1])}"
+            invalid = " (invalid, will be failed)" if receipt.reject_reason else ""
             if arrival is Arrival.DUPLICATE:
                 self.duplicates += 1
+                log.info("%s received again while still queued or in flight: collapsed", ids)
+                continue
+            self.spooled += 1
+            queued += 1
+            if arrival is Arrival.AGAIN:
+                self.again += 1
+                log.info("%s published again after the bridge had finished it: taken again%s", ids, invalid)
             else:
-                self.spooled += 1
-                if arrival is Arrival.AGAIN:
-                    self.again += 1
-        if arrival is Arrival.NEW:
-            log.info("job=%s task=%s received%s", *ids, invalid)
-            self.on_job()
-        elif arrival is Arrival.AGAIN:
-            log.info("job=%s task=%s published again after the bridge had finished it: taken again%s", *ids, invalid)
-            self.on_job()
-        else:
-            log.info("job=%s task=%s received again while still queued or in flight: collapsed", *ids)
+                new.append((ids, invalid))
+        if len(new) == 1:
+            log.info("%s received%s", *new[0])
+        elif new:
+            log.info("received %d jobs: %s", len(new), ", ".join(ids + invalid for ids, invalid in new))
+        if queued:
+            self.on_jobs(queued)

@@ -92,3 +92,52 @@ def test_a_job_that_keeps_hitting_unexpected_errors_is_failed_after_three_and_ai
     [(_, _, reason)] = spool.dead_letters()
     assert "RuntimeError: a bug in the bridge (3 times, bridge.max_unexpected_errors)" in reason
     assert service.requests == []
+
+
+def scrape(spool: Spool, forwarder: Forwarder) -> dict[str, float]:
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from bridge.metrics import BridgeCollector
+    from bridge.receiver import Receiver
+
+    receiver = Receiver(forwarder.config, spool, on_jobs=forwarder.notify)
+    registry = CollectorRegistry()
+    registry.register(BridgeCollector(spool, receiver, forwarder, forwarder.config.concurrency))
+    text = generate_latest(registry).decode()
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def test_jobs_taken_ahead_for_a_worker_count_as_queued_not_in_flight(tmp_path, aicsd):
+    with StandInService(200, {"Status": "PipelineComplete"}) as service:
+        service.gate.clear()  # the service holds the first job
+        spool = Spool(tmp_path / "s.db")
+        for _ in range(5):
+            spooled_job(spool, aicsd)
+        forwarder = Forwarder(config(service.url, tmp_path / "s.db"), spool, AicsdClient())
+        forwarder.start()
+        try:
+            wait_until(lambda: len(service.requests) == 1)
+            counts, figures = forwarder.counts(), scrape(spool, forwarder)
+            assert (counts.queued, counts.inflight) == (4, 1)
+            assert (figures["aicsd_bridge_queue_depth"], figures["aicsd_bridge_in_flight"]) == (4, 1)
+            service.gate.set()
+            wait_until(lambda: spool.counts().done == 5)
+            figures = scrape(spool, forwarder)
+            assert (figures["aicsd_bridge_queue_depth"], figures["aicsd_bridge_in_flight"]) == (0, 0)
+        finally:
+            forwarder.stop(5)
+
+
+def test_jobs_taken_ahead_go_back_to_the_queue_when_the_bridge_stops(tmp_path, aicsd):
+    with StandInService(200, {"Status": "PipelineComplete"}) as service:
+        service.gate.clear()  # the first job is still at the service when the bridge stops
+        spool = Spool(tmp_path / "s.db")
+        for _ in range(5):
+            spooled_job(spool, aicsd)
+        forwarder = Forwarder(config(service.url, tmp_path / "s.db"), spool, AicsdClient())
+        forwarder.start()
+        wait_until(lambda: len(service.requests) == 1)
+        forwarder.stop(0.5)
+        counts = spool.counts()
+        assert (counts.queued, counts.inflight, counts.done) == (5, 0, 0)

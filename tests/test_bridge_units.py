@@ -262,7 +262,7 @@ class TestMetrics:
         spool = Spool(tmp_path / "spool.db", clock=lambda: 100.0)
         aicsd = AicsdClient()
         forwarder = Forwarder(config, spool, aicsd)
-        receiver = Receiver(config, spool, on_job=forwarder.notify)
+        receiver = Receiver(config, spool, on_jobs=forwarder.notify)
         spool.add("j1", "t1", "{}")
         spool.add("j2", "t2", "{}")
         spool.claim()
@@ -294,6 +294,15 @@ class TestPayloads:
     def test_valid_job_is_spooled_under_its_job_and_task_ids(self):
         receipt = inspect_payload(json.dumps(JOB).encode(), ALLOWED)
         assert receipt.key == ("j1", "t1") and receipt.dead_reason is None and receipt.reject_reason is None
+
+    def test_job_whose_json_escapes_a_lone_surrogate_can_be_stored(self, tmp_path):
+        # Valid JSON, and the field is not one the job schema reads: the job is valid. Stored as
+        # text UTF-8 cannot encode, it would fail every time and never be acknowledged.
+        receipt = inspect_payload(json.dumps({**JOB, "Note": "\ud800"}).encode(), ALLOWED)
+        assert receipt.key == ("j1", "t1") and receipt.dead_reason is None and receipt.reject_reason is None
+        spool = Spool(tmp_path / "s.db")
+        assert spool.add(*receipt.key, receipt.text) is Arrival.NEW
+        assert json.loads(spool.claim().payload)["Note"] == "\ud800"
 
     def test_valid_job_is_spooled_as_the_service_request_body_with_the_bridge_gateway_ip(self):
         # The forwarder posts the spooled text as it is: the JSON is parsed once, on receipt.
