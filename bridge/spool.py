@@ -279,18 +279,17 @@ class Spool:
 
     @staticmethod
     def _add(db: sqlite3.Connection, job: NewJob, now: float) -> Arrival:
-        row = db.execute(
+        inserted = db.execute(
+            "INSERT INTO jobs (job_id, task_id, payload, received_at, state, next_attempt_at, reject_reason)"
+            " VALUES (?, ?, ?, ?, 'queued', ?, ?) ON CONFLICT (job_id, task_id) DO NOTHING",
+            (job.job_id, job.task_id, job.payload, now, now, job.reject_reason),
+        ).rowcount
+        if inserted:
+            return Arrival.NEW
+        state, received_at, finished_at, attempts, last_error = db.execute(
             "SELECT state, received_at, finished_at, attempts, last_error FROM jobs WHERE job_id = ? AND task_id = ?",
             (job.job_id, job.task_id),
         ).fetchone()
-        if row is None:
-            db.execute(
-                "INSERT INTO jobs (job_id, task_id, payload, received_at, state, next_attempt_at, reject_reason)"
-                " VALUES (?, ?, ?, ?, 'queued', ?, ?)",
-                (job.job_id, job.task_id, job.payload, now, now, job.reject_reason),
-            )
-            return Arrival.NEW
-        state, received_at, finished_at, attempts, last_error = row
         if state in ("queued", "inflight"):
             return Arrival.DUPLICATE
         db.execute(
