@@ -9,12 +9,13 @@ queued again at start-up. Payloads that are not jobs at all are kept in the dead
 so nothing that reached the bridge is lost without a trace. Every failure to read or write the
 store is a `SpoolError` (a full or read-only disk among them).
 
-Only arrivals are synced to disk before their call returns (`synchronous=FULL`): they are what the
+Arrivals are synced to disk before their call returns (`synchronous=FULL`): they are what the
 broker is told it may forget. `store` takes every message waiting in one transaction, so a burst
-costs one sync, not one per job. The writes after an arrival (claim, complete, retry, fail) are
-committed without a sync of their own (`synchronous=NORMAL`): the next arrival's sync covers them,
-WAL frames being written in order, and losing one on power loss only sends the job again, which
-the service's ledger answers from its record without running or reporting it twice.
+costs one sync, not one per job. The writes after an arrival (claim, done, retry) are committed
+without a sync of their own (`synchronous=NORMAL`): the next synced commit covers them, WAL frames
+being written in order, and losing one on power loss only sends the job again, which the service's
+ledger answers from its record without running or reporting it twice. A job failed is synced
+again: the bridge may have told AiCSD itself, and no ledger would keep it from telling twice.
 """
 
 from __future__ import annotations
@@ -279,18 +280,17 @@ class Spool:
 
     @staticmethod
     def _add(db: sqlite3.Connection, job: NewJob, now: float) -> Arrival:
-        row = db.execute(
+        inserted = db.execute(
+            "INSERT INTO jobs (job_id, task_id, payload, received_at, state, next_attempt_at, reject_reason)"
+            " VALUES (?, ?, ?, ?, 'queued', ?, ?) ON CONFLICT (job_id, task_id) DO NOTHING",
+            (job.job_id, job.task_id, job.payload, now, now, job.reject_reason),
+        ).rowcount
+        if inserted:
+            return Arrival.NEW
+        state, received_at, finished_at, attempts, last_error = db.execute(
             "SELECT state, received_at, finished_at, attempts, last_error FROM jobs WHERE job_id = ? AND task_id = ?",
             (job.job_id, job.task_id),
         ).fetchone()
-        if row is None:
-            db.execute(
-                "INSERT INTO jobs (job_id, task_id, payload, received_at, state, next_attempt_at, reject_reason)"
-                " VALUES (?, ?, ?, ?, 'queued', ?, ?)",
-                (job.job_id, job.task_id, job.payload, now, now, job.reject_reason),
-            )
-            return Arrival.NEW
-        state, received_at, finished_at, attempts, last_error = row
         if state in ("queued", "inflight"):
             return Arrival.DUPLICATE
         db.execute(
@@ -320,9 +320,10 @@ class Spool:
 
     def take(self, finished: Sequence[Outcome] = (), limit: int = 1) -> list[SpooledJob]:
         """Record the outcomes of finished jobs, then claim up to `limit` due jobs, oldest first,
-        marked in flight: one transaction, not synced to disk (see the module docstring)."""
+        marked in flight: one transaction, synced to disk only when a job failed (see the module
+        docstring)."""
         now = self._clock()
-        with self._transaction(synced=False) as db:
+        with self._transaction(synced=any(isinstance(outcome, Failed) for outcome in finished)) as db:
             for outcome in finished:
                 self._record(db, outcome, now)
             if limit <= 0:
@@ -346,7 +347,7 @@ class Spool:
         return jobs[0] if jobs else None
 
     def finish(self, outcomes: Sequence[Outcome]) -> None:
-        """Record the outcomes of finished jobs in one transaction, not synced to disk."""
+        """Record the outcomes of finished jobs in one transaction (see `take`)."""
         self.take(outcomes, limit=0)
 
     @staticmethod

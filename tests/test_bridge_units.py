@@ -9,7 +9,7 @@ import pytest
 
 from bridge.config import ConfigError, load_config
 from bridge.receiver import inspect_payload
-from bridge.spool import Arrival, Spool
+from bridge.spool import Arrival, DeadLetter, Done, NewJob, RetryLater, Spool
 
 REPO = Path(__file__).resolve().parent.parent
 ALLOWED = frozenset({"127.0.0.1", "job-repository", "task-launcher"})
@@ -137,6 +137,26 @@ class TestSpool:
         spool.claim()
         assert spool.add("j", "t", "{}") is Arrival.DUPLICATE
         assert (spool.counts().queued, spool.counts().inflight) == (1, 1)
+
+    def test_messages_stored_together_are_each_new_a_duplicate_taken_again_or_a_dead_letter(self, tmp_path):
+        spool = Spool(tmp_path / "s.db")
+        spool.add("finished", "t", "{}")
+        spool.complete(spool.claim().key)
+        arrivals = spool.store([NewJob("a", "t", "{}"), NewJob("a", "t", "{}"), DeadLetter("payload is not JSON", b"{"),
+                                NewJob("finished", "t", '{"run": 2}')])
+        assert arrivals == [Arrival.NEW, Arrival.DUPLICATE, None, Arrival.AGAIN]
+        counts = spool.counts()
+        assert (counts.queued, counts.done, counts.dead_letters) == (2, 0, 1)
+
+    def test_a_take_records_the_outcomes_then_claims_the_oldest_due_jobs(self, tmp_path):
+        spool = Spool(tmp_path / "s.db", clock=lambda: 0.0)
+        for name in ("a", "b", "c", "d"):
+            spool.add(name, "t", "{}")
+        first, second = spool.take(limit=2)
+        taken = spool.take([Done(first.key), RetryLater(second.key, 0, "service answered 503", True)], limit=2)
+        assert [(job.job_id, job.attempts, job.service_answered) for job in taken] == [("b", 2, True), ("c", 1, False)]
+        counts = spool.counts()
+        assert (counts.done, counts.inflight, counts.queued) == (1, 2, 1)
 
     def test_jobs_are_claimed_in_arrival_order_and_only_once(self, tmp_path):
         clock = iter(range(100)).__next__
