@@ -325,7 +325,7 @@ class Forwarder:
         """Count the error against the job; dead-letter it once it reached the limit."""
         job_log = _job_log(job)
         try:
-            count = self.spool.unexpected_error(job.key, self._backoff(job), error)
+            count = self.spool.unexpected_error(job.key)
         except SpoolError as exc:
             job_log.error("could not count the error in the spool: %s", exc)
             return RetryLater(job.key, self._backoff(job), error, job.service_answered)

@@ -391,13 +391,12 @@ class Spool:
         """End a job as failed and keep it in the dead-letter table with the reason."""
         self.finish([Failed(job, reason)])
 
-    def unexpected_error(self, key: tuple[str, str], delay: float, error: str) -> int:
-        """Count an error the bridge did not foresee against the job and queue it again; the count so far."""
+    def unexpected_error(self, key: tuple[str, str]) -> int:
+        """Count an error the bridge did not foresee against the job; the count so far. The job
+        stays in flight: its outcome (queued again, or failed) is recorded with the others."""
         with self._transaction(synced=False) as db:
             db.execute(
-                "UPDATE jobs SET state = 'queued', next_attempt_at = ?, last_error = ?,"
-                " unexpected_errors = unexpected_errors + 1 WHERE job_id = ? AND task_id = ?",
-                (self._clock() + delay, error, *key),
+                "UPDATE jobs SET unexpected_errors = unexpected_errors + 1 WHERE job_id = ? AND task_id = ?", key
             )
             row = db.execute("SELECT unexpected_errors FROM jobs WHERE job_id = ? AND task_id = ?", key).fetchone()
         return 0 if row is None else int(row[0])

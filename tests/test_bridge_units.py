@@ -211,7 +211,9 @@ class TestSpool:
         counts = []
         for _ in range(3):
             job = spool.claim()
-            counts.append(spool.unexpected_error(job.key, 0, "boom"))
+            counts.append(spool.unexpected_error(job.key))
+            assert spool.claim() is None  # still in flight until its outcome is recorded
+            spool.retry_later(job.key, 0, "boom")
         assert counts == [1, 2, 3] and spool.claim().unexpected_errors == 3
 
     def test_a_spool_written_by_an_older_bridge_gets_the_new_columns(self, tmp_path):
