@@ -131,9 +131,13 @@ class Forwarder:
             if key is None or key in self._unrecorded:
                 return
             self._inflight.discard(key)
+        self._release(key, logging.WARNING, "queued again after its worker ended")
+
+    def _release(self, key: tuple[str, str], level: int, done: str) -> None:
+        """Put an in-flight job back in the queue, logging `done` at `level`, or why it stays in flight."""
         try:
             self.spool.release(key)
-            log.warning("job=%s task=%s queued again after its worker ended", *map(shown, key))
+            log.log(level, "job=%s task=%s %s", *map(shown, key), done)
         except SpoolError as exc:
             log.error("job=%s task=%s left in flight (queued again at the next start): %s", *map(shown, key), exc)
 
@@ -190,12 +194,7 @@ class Forwarder:
         with self._wake:
             left = [key for key in self._inflight if key not in self._unrecorded]
         for key in left:
-            try:
-                self.spool.release(key)
-                log.info("job=%s task=%s returned to the spool at shutdown", *map(shown, key))
-            except SpoolError as exc:
-                log.error("job=%s task=%s left in flight (queued again at the next start): %s",
-                          *map(shown, key), exc)
+            self._release(key, logging.INFO, "returned to the spool at shutdown")
         self._http.close()
 
     def _work(self, number: int) -> None:

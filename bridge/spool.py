@@ -370,10 +370,7 @@ class Spool:
                 "UPDATE jobs SET state = 'failed', finished_at = ?, last_error = ? WHERE job_id = ? AND task_id = ?",
                 (now, outcome.reason, job.job_id, job.task_id),
             )
-            db.execute(
-                "INSERT INTO dead_letters (at, topic, job_id, task_id, payload, reason) VALUES (?, NULL, ?, ?, ?, ?)",
-                (now, job.job_id, job.task_id, job.payload, outcome.reason),
-            )
+            Spool._keep_dead(db, DeadLetter(outcome.reason, job.payload, key=job.key), now)
 
     def next_due(self) -> float | None:
         """When the next queued job becomes due (a clock time), or None when nothing is queued."""
