@@ -194,19 +194,18 @@ class CompiledModel:
 
     def warm_up(self, inputs: np.ndarray | Mapping[Any, np.ndarray | np.generic]) -> None:
         """One inference on each compilation, so the first real job pays no first-run cost."""
-        with self._running_lock:
-            self._running += 1  # taken: this call uses a pooled request, not the latency one
-        try:
-            self.infer(inputs)
-        finally:
-            with self._running_lock:
-                self._running -= 1
-        self.infer(inputs)
+        self._infer(inputs, may_run_alone=False)
+        self._infer(inputs, may_run_alone=True)
 
     def infer(self, inputs: np.ndarray | Mapping[Any, np.ndarray | np.generic]) -> dict[str, np.ndarray]:
         """Run one inference; outputs are copied out before it returns."""
+        return self._infer(inputs, may_run_alone=True)
+
+    def _infer(
+        self, inputs: np.ndarray | Mapping[Any, np.ndarray | np.generic], *, may_run_alone: bool
+    ) -> dict[str, np.ndarray]:
         with self._running_lock:
-            alone = self._running == 0 and self._alone is not None and ACTIVE_JOBS.count <= 1
+            alone = may_run_alone and self._running == 0 and self._alone is not None and ACTIVE_JOBS.count <= 1
             self._running += 1
         try:
             if alone:
