@@ -68,15 +68,20 @@ def closed_loop(work: Callable[[int], None], concurrency: int, duration_s: float
     return latencies, time.perf_counter() - start
 
 
+def _stat_fields(pid: int | str) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (state first), or None if it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
 def _children(pid: int) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
+            fields = _stat_fields(entry.name)
+            if fields is not None and int(fields[1]) == pid:
                 found.append(int(entry.name))
     return found
 
@@ -123,11 +128,9 @@ def _process_cpu_s(pid: int, tree: bool) -> float:
     """User + system CPU seconds of a process (and, with `tree`, of its living descendants)."""
     total = 0
     for current in process_tree(pid) if tree else (pid,):
-        try:
-            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime
+        fields = _stat_fields(current)
+        if fields is not None:
+            total += int(fields[11]) + int(fields[12])  # utime, stime
     return total / _TICK
 
 

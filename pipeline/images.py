@@ -585,7 +585,7 @@ def _draft_jpeg(image: ImageFile.ImageFile, name: str, size: tuple[int, int], cr
 
     The decoder's scaling averages whole DCT blocks, so it is already a good anti-aliasing filter:
     a 512x512 photo for a 224 crop decodes at 256x256 (about 40% less time, same top-5)."""
-    step = int(_reduction(_source_box(image.width, image.height, size, crop), size))
+    step = _jpeg_scale(_reduction(_source_box(image.width, image.height, size, crop), size))
     if step >= 2:
         full = image.size
         if image.draft("RGB", (math.ceil(image.width / step), math.ceil(image.height / step))):
