@@ -322,7 +322,7 @@ def test_missing_file_and_directory_are_image_errors(tmp_path):
 
 @pytest.fixture
 def no_decoding(monkeypatch):
-    """Records any attempt to decode pixel data with tifffile or Pillow (and makes it fail)."""
+    """Records any attempt to decode pixel data with tifffile, Pillow or simplejpeg (and makes it fail)."""
     calls: list[str] = []
 
     def refuse(name):
@@ -335,6 +335,7 @@ def no_decoding(monkeypatch):
     monkeypatch.setattr(tifffile.TiffPage, "asarray", refuse("TiffPage.asarray"))
     monkeypatch.setattr(tifffile.TiffPageSeries, "asarray", refuse("TiffPageSeries.asarray"))
     monkeypatch.setattr(ImageFile.ImageFile, "load", refuse("ImageFile.load"))
+    monkeypatch.setattr(images.simplejpeg, "decode_jpeg", refuse("simplejpeg.decode_jpeg"))
     return calls
 
 
@@ -695,6 +696,25 @@ def test_image_larger_than_the_whole_memory_budget_fails_with_that_reason(tmp_pa
                           r"budget of 4 MB \(PIPELINE_IMAGE_MEMORY_MB\)"
     ):
         read_pages(path, max_pixels=LIMIT, memory=claim)
+    assert no_decoding == [] and budget.used_bytes == 0
+
+
+@pytest.mark.parametrize("in_memory", [True, False], ids=["simplejpeg", "pillow"])
+def test_jpeg_whose_reduced_decode_exceeds_the_whole_memory_budget_fails_before_decoding(
+    tmp_path, no_decoding, monkeypatch, in_memory
+):
+    from pipeline.memory import MemoryBudget
+
+    if not in_memory:
+        monkeypatch.setattr(images, "_JPEG_IN_MEMORY", 0)
+    path = tmp_path / "big.jpg"
+    pixels = np.random.default_rng(0).integers(0, 256, (2000, 2000, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, quality=90)  # decoded at 1/8: 250x250
+    budget = MemoryBudget(1 << 19)
+    with budget.claim() as claim, pytest.raises(
+        ImageError, match=r"image 'big.jpg' needs about \d+ MB to process, more than the whole image memory budget"
+    ):
+        load_rgb(path, size=(224, 224), max_pixels=LIMIT, memory=claim)
     assert no_decoding == [] and budget.used_bytes == 0
 
 
