@@ -231,10 +231,14 @@ class Spool:
                     self._db.execute("PRAGMA synchronous=FULL" if synced else "PRAGMA synchronous=NORMAL")
                     self._synced = synced
                 self._db.execute("BEGIN IMMEDIATE")
+                changes = self._db.total_changes
                 try:
                     yield self._db
                     self._db.execute("COMMIT")
-                    self.failing = None
+                    if self._db.total_changes != changes:
+                        # Only a write shows the disk takes writes again: a take that found
+                        # nothing commits on a full disk too.
+                        self.failing = None
                 except BaseException:
                     if self._db.in_transaction:
                         try:

@@ -129,6 +129,14 @@ bridge: {concurrency: 0, max_age: soon}
 
 
 class TestSpool:
+    def test_a_write_failure_is_shown_until_a_write_succeeds_not_merely_a_transaction(self, tmp_path):
+        spool = Spool(tmp_path / "s.db")
+        spool.failing = "database or disk is full"  # as a failed store leaves it
+        assert spool.take() == [] and spool.next_due() is None  # nothing written: nothing shown to work
+        assert spool.failing == "database or disk is full"
+        spool.add("j", "t", "{}")
+        assert spool.failing is None
+
     def test_a_job_still_queued_or_in_flight_is_stored_once(self, tmp_path):
         spool = Spool(tmp_path / "s.db")
         assert spool.add("j", "t", "{}") is Arrival.NEW
