@@ -449,16 +449,20 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {k.lower(): v for k, v in self.headers.items()}
         length = headers.get("content-length")
         body: bytes | None
-        if length is None and "chunked" in headers.get("transfer-encoding", "").lower() and self.command == "POST":
-            body = self._read_chunked()  # the task launcher reads the body whole, chunked or not
-        elif length is None and self.command == "GET":
+        chunked = length is None and "chunked" in headers.get("transfer-encoding", "").lower()
+        # Read a chunked body off the wire whatever the handler makes of it, as Go's net/http does
+        # after a handler returns: answering while the client still writes resets its connection.
+        sent = self._read_chunked() if chunked else None
+        if length is not None:
+            body = self.rfile.read(int(length))
+        elif chunked and self.command == "POST":
+            body = sent  # the task launcher reads the body whole, chunked or not
+        elif self.command == "GET":
             body = b""  # a GET carries no body
-        elif length is None:
+        else:
             body = None
             # The job repository reads exactly Content-Length bytes: answer and drop the connection.
             self.close_connection = True
-        else:
-            body = self.rfile.read(int(length))
         code, answer, _ = self.owner.handle(self.command, self.path, headers, body)
         payload = answer.encode()
         self.send_response(code)
