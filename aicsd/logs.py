@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-__all__ = ["SHOWN_LIMIT", "JobLog", "configure_logging", "quiet_refused_requests", "shown"]
+__all__ = ["SHOWN_LIMIT", "JobLog", "configure_logging", "quiet_refused_requests", "shown", "validation_problems"]
 
 SHOWN_LIMIT = 200
 """Characters of one piece of job text `shown` keeps in a log line."""
@@ -79,6 +79,15 @@ class JobLog(logging.LoggerAdapter):  # type: ignore[type-arg]
         return f"job={extra['job_id']} task={extra['task_id']} {msg}", kwargs
 
 
+def validation_problems(error: ValidationError, whole: str = "body") -> str:
+    """Each problem pydantic found, as `field: problem`, joined by '; ' (`whole` names the
+    object itself when the problem is not one field's)."""
+    return "; ".join(
+        f"{'.'.join(str(part) for part in e['loc']) or whole}: {e['msg'].removeprefix('Value error, ')}"
+        for e in error.errors(include_url=False, include_context=False, include_input=False)
+    )
+
+
 class _RefusedRequest(logging.Filter):
     """Turns BentoML's ERROR line with a traceback for a request it refuses (a body that failed
     validation: 400; or one of its own exceptions with a 4xx `error_code`, such as 415) into one
@@ -87,11 +96,7 @@ class _RefusedRequest(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
         if isinstance(error, ValidationError):
-            status = 400
-            problems = "; ".join(
-                f"{'.'.join(str(part) for part in e['loc']) or 'body'}: {e['msg'].removeprefix('Value error, ')}"
-                for e in error.errors(include_url=False, include_context=False, include_input=False)
-            )
+            status, problems = 400, validation_problems(error)
         elif isinstance(getattr(error, "error_code", None), int) and 400 <= error.error_code < 500:  # type: ignore[union-attr]
             status, problems = int(error.error_code), str(error)  # type: ignore[union-attr]
         else:

@@ -39,7 +39,7 @@ from pydantic import ValidationError
 
 from aicsd.callback_rules import host_allowed
 from aicsd.job import JobRequest
-from aicsd.logs import shown
+from aicsd.logs import shown, validation_problems
 
 from .config import BridgeConfig
 from .forwarder import usable_callbacks
@@ -69,14 +69,6 @@ class Receipt:
     dead_reason: str | None = None
 
 
-def _validation_summary(error: ValidationError) -> str:
-    parts = []
-    for item in error.errors():
-        where = ".".join(str(p) for p in item["loc"]) or "payload"
-        parts.append(f"{where}: {item['msg']}")
-    return "; ".join(parts)
-
-
 def inspect_payload(raw: bytes, allowed_hosts: frozenset[str], gateway_ip: str = "") -> Receipt:
     """Decide a message's fate without touching the network. The JSON is parsed here, once: a
     job to forward is spooled as the exact body the service gets, `GatewayIP` included."""
@@ -93,7 +85,7 @@ def inspect_payload(raw: bytes, allowed_hosts: frozenset[str], gateway_ip: str =
     try:
         request = JobRequest.model_validate(data)
     except ValidationError as exc:
-        reason = f"invalid job: {_validation_summary(exc)}"
+        reason = f"invalid job: {validation_problems(exc, 'payload')}"
         callbacks = usable_callbacks(data, allowed_hosts)  # the URLs alone may still be usable
         if callbacks is None:
             return Receipt(None, text, dead_reason=reason)
