@@ -7,12 +7,14 @@ AiCSD client to BentoML's API, and holds no pipeline logic. Run it with `bentoml
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
-from http import HTTPStatus
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+import anyio
+import anyio.to_thread
 import bentoml
 import yaml
 from pydantic import BaseModel, Field
@@ -22,11 +24,12 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 with bentoml.importing():
-    from aicsd.callbacks import AicsdClient, CallbackAnswer, RetryPolicy, job_update_body
+    from aicsd.callbacks import AicsdClient, RetryPolicy
     from aicsd.errors import JobRejected
     from aicsd.job import Job, JobRequest
     from aicsd.logs import configure_logging, quiet_refused_requests, shown
     from pipeline.model_repository import ModelRepository
+    from serving.answers import MAX_BATCH, Answer, BatchItem, JobResponse, handled_answer, parsed_job, refusal
     from serving.bundle import check_bundled_models
     from serving.jobs import JobHandler
     from serving.ledger import JobLedger
@@ -36,30 +39,6 @@ with bentoml.importing():
     from serving.task_pipeline import TaskPipelines
 
 log = logging.getLogger("service")
-
-
-class CallbackResult(BaseModel):
-    StatusCode: int | None = Field(description="HTTP status AiCSD answered; null when unreachable")
-    Body: str
-    Attempts: int
-    Error: str | None
-
-
-class JobResponse(BaseModel):
-    """What the pipeline produced and what AiCSD answered to each callback."""
-
-    JobId: str
-    TaskId: str
-    Status: str = Field(description="PipelineComplete or PipelineFailed; empty when the job was not run here")
-    QCFlags: str = ""
-    OutputFiles: list[dict[str, Any]] = Field(default_factory=list)
-    Results: str = ""
-    JobUpdate: CallbackResult | None = Field(None, description="null when no job update was sent")
-    PipelineStatus: CallbackResult | None = Field(None, description="null when the job update was not accepted")
-    Repeated: bool = Field(
-        False, description="true when the job came again: its stored outcome is used, the pipeline did not run again"
-    )
-    Note: str = Field("", description="why the job was not run: AiCSD unreachable, or left to another service")
 
 
 class PipelineListing(BaseModel):
@@ -84,10 +63,6 @@ def _listing(view: ModelsView) -> list[PipelineListing]:
         )
         for model in view.models
     ]
-
-
-def _callback(answer: CallbackAnswer | None) -> CallbackResult | None:
-    return None if answer is None else CallbackResult(**answer.summary())
 
 
 SERVICE_NAME = "aicsd_pipeline"
@@ -123,9 +98,13 @@ aicsd_api = Starlette(routes=[Route("/pipelines", _get_pipelines, methods=["GET"
 # `bentoml build` (and loading the bento) passes bentofile.yaml's args: the models it must carry.
 check_bundled_models(Path(__file__).parent, bentoml.use_arguments())
 
+RUNTIME = _runtime_config()
+THREADS = int(RUNTIME.get("threads", 1))
+"""Jobs the sync API runs at once (BentoML's `threads`); a batch's jobs run as many at once."""
+
 
 @bentoml.asgi_app(aicsd_api, path="/api/v1", name="aicsd_api")
-@bentoml.service(name=SERVICE_NAME, **_runtime_config())
+@bentoml.service(name=SERVICE_NAME, **RUNTIME)
 class AicsdPipeline:
     """Runs AiCSD jobs through OpenVINO pipelines from the model repository."""
 
@@ -168,6 +147,7 @@ class AicsdPipeline:
             served=lambda: [model.name for model in self.models.view.models],
         )
         self.jobs = JobHandler(self.runner, self.ledger, pipelines, self.aicsd)
+        self._batch_limiter: anyio.CapacityLimiter | None = None
         folders = ", ".join(str(d.resolve()) for d in self.settings.models_dir)
         log.info(
             "started: models %s from %s; ledger %s (%s, %d old entries forgotten); task look-up %s",
@@ -199,29 +179,48 @@ class AicsdPipeline:
         try:
             parsed = Job.from_request(job, self.settings.callback_hosts)
         except JobRejected as exc:
-            # Answered 4xx naming the field; no callback goes anywhere.
-            log.warning("refused request to /classify (HTTP %d): %s", exc.status_code, shown(exc, 1000))
-            ctx.response.status_code = exc.status_code
-            return JSONResponse({"error": str(exc), "field": exc.field}, status_code=exc.status_code)  # type: ignore[return-value]
+            status, body = self._refused(exc, "/classify")
+            ctx.response.status_code = status
+            return JSONResponse(body, status_code=status)  # type: ignore[return-value]
+        status, answer = handled_answer(parsed, self.jobs.handle(parsed))
+        ctx.response.status_code = status
+        return answer
 
-        handled = self.jobs.handle(parsed)
-        if handled.later == "busy":
-            ctx.response.status_code = HTTPStatus.SERVICE_UNAVAILABLE
-        elif handled.retry_later:
-            ctx.response.status_code = HTTPStatus.BAD_GATEWAY
-        body = job_update_body(handled.outcome) if handled.outcome is not None else {}
-        return JobResponse(
-            JobId=parsed.job_id,
-            TaskId=parsed.task_id,
-            Status=body.get("Status", ""),
-            QCFlags=body.get("QCFlags", ""),
-            OutputFiles=body.get("OutputFiles", []),
-            Results=body.get("Results", ""),
-            JobUpdate=_callback(handled.job_update),
-            PipelineStatus=_callback(handled.pipeline_status),
-            Repeated=handled.repeated,
-            Note=handled.reason,
+    @bentoml.api(route="/classify_batch")
+    async def classify_batch(
+        self, jobs: Annotated[list[dict[str, Any]], Field(min_length=1, max_length=MAX_BATCH)], /
+    ) -> list[BatchItem]:
+        """Run several AiCSD jobs at once (the MQTT bridge forwards a backlog this way).
+
+        One answer per job, in order: the status and body /classify would have answered for it
+        alone. A job refused does not stop the others; each job gets its own callbacks.
+        """
+        if self._batch_limiter is None:  # made in the event loop that serves it
+            self._batch_limiter = anyio.CapacityLimiter(THREADS)
+        answers = await asyncio.gather(
+            *(anyio.to_thread.run_sync(self._batch_job, raw, limiter=self._batch_limiter) for raw in jobs)
         )
+        return [
+            BatchItem(StatusCode=status, Body=body if isinstance(body, dict) else body.model_dump())
+            for status, body in answers
+        ]
+
+    def _batch_job(self, raw: dict[str, Any]) -> Answer:
+        """One job of a batch; never raises, so one job's crash is its own 500, not the batch's."""
+        try:
+            parsed = parsed_job(raw, self.settings.callback_hosts)
+        except JobRejected as exc:
+            return self._refused(exc, "/classify_batch")
+        try:
+            return handled_answer(parsed, self.jobs.handle(parsed))
+        except Exception as exc:
+            log.exception("job=%s task=%s crashed in the service", shown(parsed.job_id), shown(parsed.task_id))
+            return 500, {"error": f"internal error in the pipeline service: {type(exc).__name__}", "field": None}
+
+    @staticmethod
+    def _refused(exc: JobRejected, path: str) -> Answer:
+        log.warning("refused request to %s (HTTP %d): %s", path, exc.status_code, shown(exc, 1000))
+        return refusal(exc)
 
     @bentoml.api(route="/pipelines")
     def pipelines(self) -> list[PipelineListing]:

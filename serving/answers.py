@@ -1,0 +1,107 @@
+"""What the service answers for a job: the HTTP status and body, one shape for `/classify` and
+for each job of `/classify_batch`.
+
+A job answered alone and the same job inside a batch get the same status and the same body, so
+the bridge reads both with one function.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Any
+
+from pydantic import BaseModel, Field, ValidationError
+
+from aicsd.callbacks import CallbackAnswer, job_update_body
+from aicsd.errors import JobRejected
+from aicsd.job import Job, JobRequest
+from aicsd.logs import validation_problems
+
+from .jobs import Handled
+
+__all__ = ["MAX_BATCH", "Answer", "BatchItem", "CallbackResult", "JobResponse", "handled_answer", "parsed_job",
+           "refusal"]
+
+MAX_BATCH = 64
+"""Jobs one `/classify_batch` request may carry."""
+
+
+class CallbackResult(BaseModel):
+    StatusCode: int | None = Field(description="HTTP status AiCSD answered; null when unreachable")
+    Body: str
+    Attempts: int
+    Error: str | None
+
+
+class JobResponse(BaseModel):
+    """What the pipeline produced and what AiCSD answered to each callback."""
+
+    JobId: str
+    TaskId: str
+    Status: str = Field(description="PipelineComplete or PipelineFailed; empty when the job was not run here")
+    QCFlags: str = ""
+    OutputFiles: list[dict[str, Any]] = Field(default_factory=list)
+    Results: str = ""
+    JobUpdate: CallbackResult | None = Field(None, description="null when no job update was sent")
+    PipelineStatus: CallbackResult | None = Field(None, description="null when the job update was not accepted")
+    Repeated: bool = Field(
+        False, description="true when the job came again: its stored outcome is used, the pipeline did not run again"
+    )
+    Note: str = Field("", description="why the job was not run: AiCSD unreachable, or left to another service")
+
+
+class BatchItem(BaseModel):
+    """One job's answer inside a `/classify_batch` answer: what `/classify` would have answered."""
+
+    StatusCode: int = Field(description="the HTTP status /classify would have answered for this job alone")
+    Body: dict[str, Any] = Field(
+        description="the body /classify would have answered: a JobResponse, or {error, field} when refused"
+    )
+
+
+Answer = tuple[int, JobResponse | dict[str, Any]]
+"""(HTTP status, body) for one job."""
+
+
+def refusal(exc: JobRejected) -> Answer:
+    """A request that cannot be run or reported: 4xx naming the field; no callback goes anywhere."""
+    return exc.status_code, {"error": str(exc), "field": exc.field}
+
+
+def parsed_job(raw: Any, allowed_hosts: frozenset[str]) -> Job:
+    """One job of a batch, validated as `/classify` validates its body; `JobRejected` (400, like
+    BentoML's answer to a body that fails validation) names the first field at fault."""
+    try:
+        request = JobRequest.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]["loc"] if exc.errors() else ()
+        field = ".".join(str(part) for part in first) or "job"
+        raise JobRejected(field, validation_problems(exc, "job"), status_code=HTTPStatus.BAD_REQUEST) from None
+    return Job.from_request(request, allowed_hosts)
+
+
+def _callback(answer: CallbackAnswer | None) -> CallbackResult | None:
+    return None if answer is None else CallbackResult(**answer.summary())
+
+
+def handled_answer(job: Job, handled: Handled) -> tuple[int, JobResponse]:
+    """200 with the outcome; 503 when another process runs the job; 502 when AiCSD could not be
+    told or asked (the caller may try again later)."""
+    status = HTTPStatus.OK
+    if handled.later == "busy":
+        status = HTTPStatus.SERVICE_UNAVAILABLE
+    elif handled.retry_later:
+        status = HTTPStatus.BAD_GATEWAY
+    body = job_update_body(handled.outcome) if handled.outcome is not None else {}
+    return status, JobResponse(
+        JobId=job.job_id,
+        TaskId=job.task_id,
+        Status=body.get("Status", ""),
+        QCFlags=body.get("QCFlags", ""),
+        OutputFiles=body.get("OutputFiles", []),
+        Results=body.get("Results", ""),
+        JobUpdate=_callback(handled.job_update),
+        PipelineStatus=_callback(handled.pipeline_status),
+        Repeated=handled.repeated,
+        Note=handled.reason,
+    )
