@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -239,6 +240,28 @@ def service_alone(url: str, sink: Sink, inputs: dict[str, list[Path]], output: P
     return figures
 
 
+def service_batches(url: str, sink: Sink, files: list[Path], output: Path, seconds: float, meter: CpuMeter,
+                    size: int = 8, concurrency: int = 2) -> Figure:
+    """POST /classify_batch, `size` jobs a request on `concurrency` connections, as the bridge
+    forwards a backlog; rates and CPU are per job, latencies per request."""
+
+    def body(n: int) -> list[dict]:
+        return [sink.job(files[(n * size + i) % len(files)], output)[1] for i in range(size)]
+
+    def check(status: int, answer: bytes) -> None:
+        if status != 200 or len(re.findall(rb'"Status": ?"PipelineComplete"', answer)) != size:
+            raise HttpLoadError(f"answer {status}: {answer[:500]!r}")
+
+    start = meter.start()
+    latencies, elapsed = post_closed_loop(f"{url}/classify_batch", body, check, concurrency, seconds)
+    figure = summarise("service alone (HTTP)", f"jpeg512, batches of {size}, concurrency {concurrency}",
+                       latencies, elapsed)
+    figure.per_second *= size
+    figure.count *= size
+    figure.cpu = meter.since(start, figure.count)
+    return figure
+
+
 def profile_service(service_pid: int, url: str, sink: Sink, inputs: dict[str, list[Path]], output: Path,
                     seconds: float, raw_path: Path) -> Profile:
     """py-spy on the service worker while it serves 512x512 JPEG jobs at concurrency 8."""
@@ -368,7 +391,7 @@ def evaluate(figures: list[Figure], startup_s: float, soak: dict[str, list[float
     limit = throughput.per_second
     per_image_ms = throughput.cpu.per_job_ms["benchmark_app"] if throughput.cpu else 0.0
     pipeline = max(f.per_second for f in _find(figures, "pipeline alone", "jpeg512"))
-    service = _find(figures, "service alone (HTTP)", "jpeg512")
+    service = [f for f in _find(figures, "service alone (HTTP)", "jpeg512") if "batches" not in f.setting]
     saturation = _find(figures, "end to end (MQTT -> status)", "saturation")[0]
     chain = saturation.cpu.per_job_ms if saturation.cpu else {}
     single = _find(figures, "service alone (HTTP)", "jpeg512, concurrency 1")[0]
@@ -530,6 +553,8 @@ def main(argv: list[str] | None = None) -> int:
         log.info("service alone")
         service_meter = CpuMeter({"service": service.process.pid, "AiCSD stand-in": sink.process.pid})
         figures += service_alone(service.url, sink, inputs, files / "output", stage_s, (1, 2, 4, 8), service_meter)
+        figures.append(service_batches(service.url, sink, inputs["jpeg512"], files / "output", stage_s,
+                                       service_meter))
         log.info("profile of the service under load")
         profile = profile_service(service.process.pid, service.url, sink, inputs, files / "output",
                                   2 if quick else stage_s, out / "profile-gil.txt")

@@ -42,7 +42,7 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     return status, await reader.readexactly(length)
 
 
-async def _run(url: str, make_body: Callable[[int], dict], check: Callable[[int, bytes], None],
+async def _run(url: str, make_body: Callable[[int], object], check: Callable[[int, bytes], None],
                concurrency: int, duration_s: float) -> tuple[list[float], float]:
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
@@ -69,7 +69,7 @@ async def _run(url: str, make_body: Callable[[int], dict], check: Callable[[int,
     return latencies, time.perf_counter() - start
 
 
-def post_closed_loop(url: str, make_body: Callable[[int], dict], check: Callable[[int, bytes], None],
+def post_closed_loop(url: str, make_body: Callable[[int], object], check: Callable[[int, bytes], None],
                      concurrency: int, duration_s: float) -> tuple[list[float], float]:
     """POST `make_body(n)` as JSON to `url` on `concurrency` connections, each waiting for its
     answer before the next request, for `duration_s`; returns the latencies and the elapsed time.
