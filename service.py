@@ -98,6 +98,9 @@ aicsd_api = Starlette(routes=[Route("/pipelines", _get_pipelines, methods=["GET"
 # `bentoml build` (and loading the bento) passes bentofile.yaml's args: the models it must carry.
 check_bundled_models(Path(__file__).parent, bentoml.use_arguments())
 
+BatchOfJobs = Annotated[list[dict[str, Any]], Field(min_length=1, max_length=MAX_BATCH)]
+"""The body of /classify_batch: each job is validated on its own, so one bad job is its own 400."""
+
 RUNTIME = _runtime_config()
 THREADS = int(RUNTIME.get("threads", 1))
 """Jobs the sync API runs at once (BentoML's `threads`); a batch's jobs run as many at once."""
@@ -187,9 +190,7 @@ class AicsdPipeline:
         return answer
 
     @bentoml.api(route="/classify_batch")
-    async def classify_batch(
-        self, jobs: Annotated[list[dict[str, Any]], Field(min_length=1, max_length=MAX_BATCH)], /
-    ) -> list[BatchItem]:
+    async def classify_batch(self, jobs: BatchOfJobs, /) -> list[BatchItem]:
         """Run several AiCSD jobs at once (the MQTT bridge forwards a backlog this way).
 
         One answer per job, in order: the status and body /classify would have answered for it
