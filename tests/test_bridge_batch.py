@@ -19,7 +19,7 @@ from bridge.forwarder import Forwarder
 from bridge.spool import Spool
 from devtools.servers import free_port
 
-from .test_bridge_forwarder import config, wait_until
+from .test_bridge_forwarder import config, scrape, wait_until
 from .test_bridge_republish import StandInService
 from .test_bridge_units import GOOD_CONFIG, write
 
@@ -74,10 +74,12 @@ def test_a_backlog_goes_in_a_few_full_batches_and_each_job_keeps_its_log_line(tm
         keys = spool_jobs(spool, aicsd, 20)
         with forwarding(service.url, spool, concurrency=2, batch=8) as forwarder:
             wait_until(lambda: spool.counts().done == 20)
+            figures = scrape(spool, forwarder)
     # One take of 16 (batch x concurrency) shared as 8 + 8, then the 4 left as 2 + 2.
     assert sorted(batch_sizes(service)) == [2, 2, 8, 8]
     assert len(service.posts) == 4 and len(service.requests) == 20
     assert (forwarder.forwarded, forwarder.requests) == (20, 4)
+    assert (figures["aicsd_bridge_forwarded_total"], figures["aicsd_bridge_service_requests_total"]) == (20, 4)
     lines = [r.getMessage() for r in caplog.records if " forwarded (attempt 1): PipelineComplete" in r.getMessage()]
     assert sorted(line.split()[0] for line in lines) == sorted(f"job={job_id}" for job_id, _ in keys)
     sent = [job["JobUpdateUrl"] for job in service.requests]
