@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -37,6 +37,8 @@ DEFAULT_STATUS_TOPIC = "aicsd-pipeline/bridge/{client_id}/status"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 DEFAULT_METRICS_PORT = 9464
 DEFAULT_METRICS_ADDRESS = "0.0.0.0"
+DEFAULT_BATCH = 8
+MAX_BATCH = 64  # the service's batch API takes 1..64 jobs
 _HOST_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*$")
 
 
@@ -84,6 +86,14 @@ class BridgeConfig:
     max_unexpected_errors: int = 3
     metrics_port: int = DEFAULT_METRICS_PORT  # 0: no metrics endpoint
     metrics_address: str = DEFAULT_METRICS_ADDRESS
+    batch: int = DEFAULT_BATCH  # most jobs in one request; 1: every job alone to `service_url`
+
+    @property
+    def batch_url(self) -> str:
+        """The service's batch API: `service_url` with `_batch` appended to its path
+        (`http://host:3000/classify` -> `http://host:3000/classify_batch`)."""
+        parts = urlsplit(self.service_url)
+        return urlunsplit(parts._replace(path=parts.path.rstrip("/") + "_batch"))
 
     @property
     def subscription(self) -> str:
@@ -244,6 +254,7 @@ class _BridgeSection(_Section):
     max_unexpected_errors: int = Field(3, ge=1, le=100)
     metrics_port: int = Field(DEFAULT_METRICS_PORT, ge=0, le=65535)
     metrics_address: str = Field(DEFAULT_METRICS_ADDRESS, min_length=1)
+    batch: int = Field(DEFAULT_BATCH, ge=1, le=MAX_BATCH)
 
     @field_validator("metrics_address")
     @classmethod
@@ -387,4 +398,5 @@ def load_config(path: Path, env: Mapping[str, str] | None = None) -> BridgeConfi
         max_unexpected_errors=bridge.max_unexpected_errors,
         metrics_port=bridge.metrics_port,
         metrics_address=bridge.metrics_address,
+        batch=bridge.batch,
     )

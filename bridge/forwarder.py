@@ -1,13 +1,27 @@
 """Forwarding: a fixed pool of supervised workers takes jobs from the spool and POSTs them to the service.
 
-A worker short of a job takes the oldest due ones from the spool, up to `TAKEN_PER_WORKER` for
-each worker, and records the outcomes of the jobs finished since the last take in the same
-transaction: one spool transaction per many jobs, not two per job (a transaction costs a worker
-that wakes with cold caches some tenths of a millisecond). The `forwarded` line of each job the
-service answered 200 for is logged then, once its outcome is recorded, with the lines of the
-other jobs recorded with it. So under a backlog a job is recorded done a few jobs after the
-service answered (at once when the bridge is idle). Jobs taken ahead are marked in flight in the
-spool but are next in line, not forwarded yet: `backlog()` and `counts()` count them as queued.
+A worker short of work takes the oldest due jobs from the spool, up to `TAKEN_PER_WORKER` (or
+`bridge.batch`, when larger) for each worker, and records the outcomes of the jobs finished since
+the last take in the same transaction: one spool transaction per many jobs, not two per job (a
+transaction costs a worker that wakes with cold caches some tenths of a millisecond). The
+`forwarded` line of each job the service answered 200 for is logged then, once its outcome is
+recorded, with the lines of the other jobs recorded with it. So under a backlog a job is recorded
+done a few jobs after the service answered (at once when the bridge is idle). Jobs taken ahead
+are marked in flight in the spool but are next in line, not forwarded yet: `backlog()` and
+`counts()` count them as queued.
+
+Batches: the jobs of a take are shared out in batches of n = max(1, min(bridge.batch,
+ceil(taken / bridge.concurrency))) jobs, so idle workers share a small backlog and a large one
+goes in full batches; each batch is one POST of a JSON array of the jobs' payloads to the
+service's batch API (`BridgeConfig.batch_url`, e.g. `/classify_batch`), answered with one
+`{"StatusCode", "Body"}` per job, each read as the single API's answer for that job alone would
+be (`_answered`). A batch left with one job goes to the single URL, as every job does when
+`bridge.batch` is 1: a job that comes alone is forwarded exactly as before batches existed. Jobs
+rejected at arrival or too old are decided without the service. A batch that fails as a whole
+is retried job by job as a single request would be (unreachable: as before; 5xx: the service had
+the jobs); a service without the batch API (404, 405) gets one warning and one job per request
+from then on, until a restart; any other unusable answer (another 4xx, a 200 that is not one
+well-formed item per job) sends that batch's jobs one by one to the single URL, after a warning.
 
 Connection errors, timeouts and 5xx answers (the service restarting, or AiCSD unreachable
 behind it) are retried with exponential backoff for as long as the job is younger than
@@ -18,8 +32,9 @@ bridge (when the job's callback URLs are usable); a job the service answered for
 way the job is kept in the dead-letter table with the reason.
 
 Workers never die of an error: each turn of a worker's loop is guarded, an error the bridge did
-not foresee is counted against its job in the spool (the job is dead-lettered after
-`bridge.max_unexpected_errors`), and `supervise()` restarts a thread that ended anyway. Outcomes
+not foresee is counted against the jobs of the turn it had not decided yet (a job is
+dead-lettered after `bridge.max_unexpected_errors`), and `supervise()` restarts a thread that
+ended anyway, queueing again every job it held. Outcomes
 the spool cannot record (a full disk) are kept and recorded before the workers take another
 job, so no job is left marked in flight.
 """
@@ -33,6 +48,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from http import HTTPStatus
 from typing import Any
 
 from pydantic import ValidationError
@@ -42,7 +58,7 @@ from aicsd.errors import JobRejected
 from aicsd.job import CallbackUrls, Job, JobRequest
 from aicsd.logs import JobLog, shown
 from aicsd.outcome import PipelineOutcome
-from aicsd.transport import HttpClient, HttpFailure, HttpResponse
+from aicsd.transport import DEFAULT_MAX_ANSWER, HttpClient, HttpFailure, HttpResponse
 
 from .config import BridgeConfig
 from .spool import Backlog, Done, Failed, Outcome, RetryLater, Spool, SpoolCounts, SpooledJob, SpoolError
@@ -52,16 +68,19 @@ __all__ = ["Forwarder", "usable_callbacks"]
 log = logging.getLogger("bridge.forwarder")
 
 TAKEN_PER_WORKER = 8
-"""Jobs a take claims per worker at most: the fewer takes, the less CPU per job, while jobs taken
-ahead wait in memory (they are queued again at a stop, or at the next start after a crash)."""
+"""Jobs a take claims per worker at most, or `bridge.batch` when larger: the fewer takes, the less
+CPU per job, while jobs taken ahead wait in memory (they are queued again at a stop, or at the
+next start after a crash)."""
+
+_Key = tuple[str, str]
 
 
 @dataclasses.dataclass(frozen=True)
 class _Forwarded(Done):
-    """Done: the service answered 200; with the job and the answer, for the job's log line."""
+    """Done: the service answered 200; with the job and the answer's `Status`, for the job's log line."""
 
     job: SpooledJob
-    answer: HttpResponse
+    status: str | None
 
 
 def _job_log(job: SpooledJob) -> JobLog:
@@ -84,13 +103,17 @@ class Forwarder:
         self.spool = spool
         self.aicsd = aicsd
         self._clock = clock
-        self._http = HttpClient(config.request_timeout, connect_timeout=10, max_idle=config.concurrency)
+        # A batch's answer holds one single answer per job: 1 MiB each.
+        self._http = HttpClient(config.request_timeout, connect_timeout=10, max_idle=config.concurrency,
+                                max_answer=config.batch * DEFAULT_MAX_ANSWER)
         self._wake = threading.Condition()  # guards the collections below; idle workers wait on it
         self._stopping = threading.Event()
         self._threads: list[threading.Thread | None] = [None] * config.concurrency
-        self._held: list[tuple[str, str] | None] = [None] * config.concurrency  # each worker's job
-        self._inflight: set[tuple[str, str]] = set()  # marked in flight in the spool by this bridge
+        self._held: list[list[_Key] | None] = [None] * config.concurrency  # each worker's batch
+        self._inflight: set[_Key] = set()  # marked in flight in the spool by this bridge
         self._ready: deque[SpooledJob] = deque()  # taken ahead, next in line; changed under `_taking`
+        self._portion = 1  # jobs a worker takes from `_ready` as one batch, set at each take
+        self._batching = config.batch > 1  # False once the service showed it has no batch API
         self._finished: list[Outcome] = []  # to record with the next take
         self._taking = threading.Lock()  # one worker at a time takes from the spool
         # Outcomes the spool could not record yet (a full disk), retried before any new job.
@@ -99,6 +122,7 @@ class Forwarder:
         # Counts since start, for the metrics (bridge.metrics); workers change them under `_counting`.
         self._counting = threading.Lock()
         self.forwarded = 0          # jobs the service answered 200 for
+        self.requests = 0           # HTTP requests sent to the service: single jobs and batches
         self.dead_lettered = 0      # jobs given up on, recorded failed with their reason
         self.callback_failures = 0  # PipelineFailed reports the bridge had to send and could not deliver
 
@@ -125,13 +149,15 @@ class Forwarder:
         return restarted
 
     def _release_held(self, number: int) -> None:
-        """Queue again the job a dead worker was holding."""
-        key, self._held[number] = self._held[number], None
+        """Queue again the jobs a dead worker was holding."""
+        held, self._held[number] = self._held[number], None
+        if not held:
+            return
         with self._wake:
-            if key is None or key in self._unrecorded:
-                return
-            self._inflight.discard(key)
-        self._release(key, logging.WARNING, "queued again after its worker ended")
+            keys = [key for key in held if key not in self._unrecorded]
+            self._inflight.difference_update(keys)
+        for key in keys:
+            self._release(key, logging.WARNING, "queued again after its worker ended")
 
     def _release(self, key: tuple[str, str], level: int, done: str) -> None:
         """Put an in-flight job back in the queue, logging `done` at `level`, or why it stays in flight."""
@@ -210,41 +236,46 @@ class Forwarder:
         if not self._record_unrecorded():
             self._idle(1.0)
             return
-        job = self._next()
-        if job is None:
+        jobs = self._next()
+        if not jobs:
             return
-        self._held[number] = job.key
-        outcome = self._process(job)
+        self._held[number] = [job.key for job in jobs]
+        outcomes = self._process(jobs)
         self._held[number] = None
         with self._wake:
-            self._finished.append(outcome)
+            self._finished.extend(outcomes)
 
-    def _next(self) -> SpooledJob | None:
-        """A job for this worker: one taken already, else the spool's oldest due ones. None, after
-        waiting until one may be due, when there is none."""
+    def _next(self) -> list[SpooledJob]:
+        """A batch for this worker: jobs taken already, else the spool's oldest due ones. Empty,
+        after waiting until one may be due, when there is none."""
         with self._taking:
             if self._stopping.is_set():
-                return None  # what is finished and taken is for `stop` to record and put back
+                return []  # what is finished and taken is for `stop` to record and put back
             with self._wake:
                 if self._ready:
-                    return self._ready.popleft()
+                    portion = self._portion if self._batching else 1
+                    return [self._ready.popleft() for _ in range(min(portion, len(self._ready)))]
                 finished, self._finished = self._finished, []
             jobs, pause = self._take(finished)
             if jobs:
+                # Shared out so that every worker gets a batch of a small backlog, up to full batches.
+                batch = self.config.batch if self._batching else 1
+                portion = max(1, min(batch, -(-len(jobs) // self.config.concurrency)))
                 with self._wake:
+                    self._portion = portion
                     self._inflight.update(job.key for job in jobs)
-                    self._ready.extend(jobs[1:])
-                    self._wake.notify(len(jobs) - 1)
+                    self._ready.extend(jobs[portion:])
+                    self._wake.notify(-(-(len(jobs) - portion) // portion))  # a worker per batch left
         _log_forwarded(finished)
         if jobs:
-            return jobs[0]
+            return jobs[:portion]
         self._idle(pause)
-        return None
+        return []
 
     def _take(self, finished: list[Outcome]) -> tuple[list[SpooledJob], float]:
         """Record `finished` and take the next jobs; else how long to wait."""
         try:
-            jobs = self.spool.take(finished, TAKEN_PER_WORKER * self.config.concurrency)
+            jobs = self.spool.take(finished, max(TAKEN_PER_WORKER, self.config.batch) * self.config.concurrency)
         except Exception as exc:
             if finished:
                 self._keep_unrecorded(finished, exc)
@@ -269,18 +300,38 @@ class Forwarder:
     def _backoff(self, job: SpooledJob) -> float:
         return float(min(self.config.retry_max, self.config.retry_initial * 2 ** max(0, job.attempts - 1)))
 
-    def _process(self, job: SpooledJob) -> Outcome:
-        """One turn of one job: decide, tell AiCSD where the bridge must. Never raises."""
-        try:
-            outcome = self._decide(job)
-            if isinstance(outcome, Failed) and not job.service_answered:
-                outcome = Failed(job, self._report_failed(job, outcome.reason))
-        except Exception as exc:
-            _job_log(job).exception("unexpected error in the bridge")
-            outcome = self._unexpected(job, f"unexpected error in the bridge: {type(exc).__name__}: {exc}")
-        return outcome
+    def _process(self, jobs: list[SpooledJob]) -> list[Outcome]:
+        """One turn of a batch: decide each job, tell AiCSD where the bridge must. Never raises.
 
-    def _decide(self, job: SpooledJob) -> Outcome:
+        A job without an outcome is one the bridge stopped before sending: `stop` queues it again."""
+        decided: dict[_Key, Outcome] = {}
+        error: Exception | None = None
+        try:
+            send = []
+            for job in jobs:
+                early = self._early(job)
+                if early is None:
+                    send.append(job)
+                else:
+                    decided[job.key] = early
+            self._send(send, decided)
+        except Exception as exc:
+            log.exception("unexpected error in the bridge, in a turn of %d job(s)", len(jobs))
+            error = exc
+        outcomes = []
+        for job in jobs:
+            outcome = decided.get(job.key)
+            if outcome is None:
+                if error is None:
+                    continue
+                outcome = self._unexpected(job, f"unexpected error in the bridge: {type(error).__name__}: {error}")
+            elif isinstance(outcome, Failed) and not job.service_answered:
+                outcome = Failed(job, self._report_failed(job, outcome.reason))
+            outcomes.append(outcome)
+        return outcomes
+
+    def _early(self, job: SpooledJob) -> Outcome | None:
+        """The outcome of a job decided without the service (rejected at arrival, too old), else None."""
         if job.reject_reason:
             _job_log(job).error("job failed: %s", job.reject_reason)
             return Failed(job, job.reject_reason)
@@ -288,21 +339,85 @@ class Forwarder:
             last = f"; last error: {job.last_error}" if job.last_error else ""
             return self._give_up(job, f"not processed within {self.config.max_age:g} s (bridge.max_age){last}",
                                  job.service_answered)
+        return None
+
+    def _send(self, jobs: list[SpooledJob], decided: dict[_Key, Outcome]) -> None:
+        """Forward `jobs` in one request to the batch API; put each job's outcome in `decided`.
+
+        A batch of one job goes alone to the single URL, on purpose: a job that comes when the
+        bridge is idle is forwarded exactly as before batches existed (same request, same latency,
+        same log lines), and the batch API is only asked for when there is a backlog. Every job
+        goes alone too once the service has shown it has no batch API."""
+        if len(jobs) <= 1 or not self._batching:
+            self._send_singly(jobs, decided)
+            return
+        # The spooled payloads are the service's job objects already (see receiver.inspect_payload).
+        body = ("[" + ",".join(job.payload for job in jobs) + "]").encode("utf-8")
         try:
-            # The spooled payload is the service's request body already (see receiver.inspect_payload).
-            response = self._http.request("POST", self.config.service_url, job.payload.encode("utf-8"),
-                                          {"Content-Type": "application/json"})
+            response = self._post(self.config.batch_url, body)
         except HttpFailure as exc:
-            return self._retry(job, f"service unreachable: {exc}", job.service_answered)
-        if response.status_code == 200:
+            for job in jobs:
+                decided[job.key] = self._retry(job, f"service unreachable: {exc}", job.service_answered)
+            return
+        status = response.status_code
+        if status == 200:
+            answers, problem = _batch_answers(response, len(jobs))
+            if answers is not None:
+                for job, (item_status, item_body) in zip(jobs, answers, strict=True):
+                    decided[job.key] = self._answered(job, item_status, item_body)
+                return
+        elif status >= 500:
+            error = f"service answered {status}: {shown(response.text, 300)}"
+            for job in jobs:
+                decided[job.key] = self._retry(job, error, True)
+            return
+        elif status in (404, 405):
+            self._no_batch_api(status)
+            problem = ""
+        else:
+            problem = f"answered {status}: {_error_text(status, response.text)}"
+        if problem:
+            log.warning("the batch API %s %s; forwarding the batch's %d jobs one by one",
+                        self.config.batch_url, problem, len(jobs))
+        self._send_singly(jobs, decided)
+
+    def _send_singly(self, jobs: list[SpooledJob], decided: dict[_Key, Outcome]) -> None:
+        """POST each job alone to the single URL, one after the other, until the bridge stops."""
+        for index, job in enumerate(jobs):
+            if index and self._stopping.is_set():
+                return
+            try:
+                response = self._post(self.config.service_url, job.payload.encode("utf-8"))
+            except HttpFailure as exc:
+                decided[job.key] = self._retry(job, f"service unreachable: {exc}", job.service_answered)
+            else:
+                decided[job.key] = self._answered(job, response.status_code, response.text)
+
+    def _post(self, url: str, body: bytes) -> HttpResponse:
+        with self._counting:
+            self.requests += 1
+        return self._http.request("POST", url, body, {"Content-Type": "application/json"})
+
+    def _answered(self, job: SpooledJob, status: int, text: str) -> Outcome:
+        """What the service's answer for one job means: the single API's answer, or a batch's item
+        (its `StatusCode` and its `Body` as JSON text)."""
+        if status == 200:
             with self._counting:
                 self.forwarded += 1
-            return _Forwarded(job.key, job, response)
-        if response.status_code >= 500:
-            return self._retry(job, f"service answered {response.status_code}: {shown(response.text, 300)}", True)
-        reason = f"service refused the job ({response.status_code}): {_error_text(response)}"
+            return _Forwarded(job.key, job, _status_field(text))
+        if status >= 500:
+            return self._retry(job, f"service answered {status}: {shown(text, 300)}", True)
+        reason = f"service refused the job ({status}): {_error_text(status, text)}"
         _job_log(job).error("job failed: %s", reason)
         return Failed(job, reason)
+
+    def _no_batch_api(self, status: int) -> None:
+        """The service has no batch API: one job per request from now on, said once."""
+        with self._counting:
+            first, self._batching = self._batching, False
+        if first:
+            log.warning("%s answered %d: the service has no batch API; forwarding "
+                        "one job per request from now on, until the bridge restarts", self.config.batch_url, status)
 
     def _retry(self, job: SpooledJob, error: str, answered: bool) -> Outcome:
         if self._clock() - job.received_at > self.config.max_age:
@@ -423,17 +538,44 @@ def _log_forwarded(outcomes: Sequence[Outcome]) -> None:
         if isinstance(outcome, _Forwarded):
             job = outcome.job
             log.info("job=%s task=%s forwarded (attempt %d): %s", shown(job.job_id), shown(job.task_id),
-                     job.attempts, _field(outcome.answer, "Status") or "done")
+                     job.attempts, outcome.status or "done")
 
 
-def _field(response: HttpResponse, name: str) -> str | None:
+def _batch_answers(response: HttpResponse, count: int) -> tuple[list[tuple[int, str]] | None, str]:
+    """The batch API's 200 answer as (StatusCode, Body as JSON text) per job; else None and what is wrong."""
     try:
-        value = response.json().get(name)
+        items = response.json()
+    except ValueError:
+        return None, f"answered 200 with a body that is not JSON: {shown(response.text, 200)}"
+    if not isinstance(items, list):
+        return None, f"answered 200 with a JSON {type(items).__name__}, not an array"
+    if len(items) != count:
+        return None, f"answered 200 with {len(items)} items for {count} jobs"
+    answers = []
+    for index, item in enumerate(items):
+        status = item.get("StatusCode") if isinstance(item, dict) else None
+        body = item.get("Body") if isinstance(item, dict) else None
+        if type(status) is not int or not isinstance(body, dict):
+            return None, (f"answered 200 with item {index} not an object with an int StatusCode and an object "
+                          f"Body: {shown(json.dumps(item), 200)}")
+        answers.append((status, json.dumps(body, ensure_ascii=False)))
+    return answers, ""
+
+
+def _status_field(text: str) -> str | None:
+    """The `Status` of a 200 answer's body, when it has one."""
+    try:
+        value = json.loads(text).get("Status")
     except (ValueError, AttributeError):
         return None
     return value if isinstance(value, str) else None
 
 
-def _error_text(response: HttpResponse) -> str:
-    text = response.text.strip()
-    return shown(text, 500) if text else shown(response.reason_phrase)
+def _error_text(status: int, text: str) -> str:
+    text = text.strip()
+    if text:
+        return shown(text, 500)
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "(no body)"

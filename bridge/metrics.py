@@ -50,6 +50,8 @@ class BridgeCollector:
             ("duplicates", "redeliveries of a job still queued or in flight, collapsed into it", receiver.duplicates),
             ("taken_again", "jobs published again after the bridge had finished them, queued afresh", receiver.again),
             ("forwarded", "jobs the service answered 200 for", forwarder.forwarded),
+            ("service_requests", "HTTP requests sent to the service, each one job or a batch of up to bridge.batch",
+             forwarder.requests),
             ("dead_lettered", "payloads and jobs kept in the dead-letter table: not jobs, or given up on",
              receiver.dead_lettered + forwarder.dead_lettered),
             ("callback_failures", "PipelineFailed reports the bridge had to send and could not deliver",

@@ -108,19 +108,20 @@ def scrape(spool: Spool, forwarder: Forwarder) -> dict[str, float]:
     return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
 
 
-def test_jobs_taken_ahead_for_a_worker_count_as_queued_not_in_flight(tmp_path, aicsd):
-    with StandInService(200, {"Status": "PipelineComplete"}) as service:
-        service.gate.clear()  # the service holds the first job
+@pytest.mark.parametrize("batch, expected", [(1, (4, 1)), (2, (3, 2))], ids=["single", "batches"])
+def test_jobs_taken_ahead_for_a_worker_count_as_queued_not_in_flight(tmp_path, aicsd, batch, expected):
+    with StandInService(200, {"Status": "PipelineComplete"}, batch=True) as service:
+        service.gate.clear()  # the service holds the first request
         spool = Spool(tmp_path / "s.db")
         for _ in range(5):
             spooled_job(spool, aicsd)
-        forwarder = Forwarder(config(service.url, tmp_path / "s.db"), spool, AicsdClient())
+        forwarder = Forwarder(config(service.url, tmp_path / "s.db", batch=batch), spool, AicsdClient())
         forwarder.start()
         try:
-            wait_until(lambda: len(service.requests) == 1)
+            wait_until(lambda: len(service.posts) == 1)
             counts, figures = forwarder.counts(), scrape(spool, forwarder)
-            assert (counts.queued, counts.inflight) == (4, 1)
-            assert (figures["aicsd_bridge_queue_depth"], figures["aicsd_bridge_in_flight"]) == (4, 1)
+            assert (counts.queued, counts.inflight) == expected
+            assert (figures["aicsd_bridge_queue_depth"], figures["aicsd_bridge_in_flight"]) == expected
             service.gate.set()
             wait_until(lambda: spool.counts().done == 5)
             figures = scrape(spool, forwarder)

@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -29,32 +30,62 @@ pytestmark = pytest.mark.integration
 
 
 class StandInService:
-    """A loopback HTTP server answering every POST with `status` once `gate` is open; counts requests."""
+    """A loopback HTTP server standing in for the service, once `gate` is open: `POST /classify`
+    answers `answer(job)` (by default `status` with `body`); `POST /classify_batch`, when `batch`
+    is on, answers 200 with `answer(job)` as `{"StatusCode", "Body"}` per job, or `batch_reply`
+    (status, raw body) when set. Any other POST answers 404 at once, as a service without that API.
+    `requests` holds every job the service got (a batch's one by one), `posts` every POST as
+    (path, its parsed body)."""
 
-    def __init__(self, status: int, body: dict) -> None:
+    def __init__(self, status: int, body: dict, *, batch: bool = False, port: int = 0) -> None:
         self.status = status
-        self.body = json.dumps(body).encode()
+        self.body = body
+        self.batch = batch
+        self.answer: Callable[[dict], tuple[int, dict]] = lambda job: (self.status, self.body)
+        self.batch_reply: tuple[int, bytes] | None = None
         self.gate = threading.Event()
         self.gate.set()
         self.requests: list[dict] = []
+        self.posts: list[tuple[str, object]] = []
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
-                owner.requests.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-                owner.gate.wait(30)
-                self.send_response(owner.status)
+                sent = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                owner.posts.append((self.path, sent))
+                if self.path == "/classify":
+                    owner.requests.append(sent)
+                    owner.gate.wait(30)
+                    status, body = owner.answer(sent)
+                    self.reply(status, json.dumps(body).encode())
+                elif self.path == "/classify_batch" and owner.batch:
+                    owner.requests.extend(sent)
+                    owner.gate.wait(30)
+                    if owner.batch_reply is not None:
+                        self.reply(*owner.batch_reply)
+                        return
+                    items = [dict(zip(("StatusCode", "Body"), owner.answer(job), strict=True)) for job in sent]
+                    self.reply(200, json.dumps(items).encode())
+                else:
+                    self.reply(404, b'{"detail":"Not Found"}')
+
+            def reply(self, status: int, body: bytes) -> None:
+                self.send_response(status)
                 self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(owner.body)))
+                self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(owner.body)
+                self.wfile.write(body)
 
             def log_message(self, format: str, *args: object) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/classify"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def paths(self) -> list[str]:
+        return [path for path, _ in self.posts]
 
     def __enter__(self) -> StandInService:
         self.thread.start()
