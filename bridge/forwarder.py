@@ -83,6 +83,11 @@ class _Forwarded(Done):
     status: str | None
 
 
+@dataclasses.dataclass(frozen=True)
+class _ToReport(Failed):
+    """Failed where the service never had the job, or refused it: the bridge tells AiCSD itself."""
+
+
 def _job_log(job: SpooledJob) -> JobLog:
     """A logger for lines about `job` (`job=<id> task=<id>` first)."""
     return JobLog(log, job.job_id, job.task_id)
@@ -325,7 +330,7 @@ class Forwarder:
                 if error is None:
                     continue
                 outcome = self._unexpected(job, f"unexpected error in the bridge: {type(error).__name__}: {error}")
-            elif isinstance(outcome, Failed) and not job.service_answered:
+            elif isinstance(outcome, _ToReport):
                 outcome = Failed(job, self._report_failed(job, outcome.reason))
             outcomes.append(outcome)
         return outcomes
@@ -334,7 +339,7 @@ class Forwarder:
         """The outcome of a job decided without the service (rejected at arrival, too old), else None."""
         if job.reject_reason:
             _job_log(job).error("job failed: %s", job.reject_reason)
-            return Failed(job, job.reject_reason)
+            return _ToReport(job, job.reject_reason)
         if self._clock() - job.received_at > self.config.max_age:
             last = f"; last error: {job.last_error}" if job.last_error else ""
             return self._give_up(job, f"not processed within {self.config.max_age:g} s (bridge.max_age){last}",
@@ -398,18 +403,19 @@ class Forwarder:
             self.requests += 1
         return self._http.request("POST", url, body, {"Content-Type": "application/json"})
 
-    def _answered(self, job: SpooledJob, status: int, text: str) -> Outcome:
-        """What the service's answer for one job means: the single API's answer, or a batch's item
-        (its `StatusCode` and its `Body` as JSON text)."""
+    def _answered(self, job: SpooledJob, status: int, body: str | dict[str, Any]) -> Outcome:
+        """What the service's answer for one job means: the single API's answer (its body as
+        text), or a batch's item (its `StatusCode` and its `Body`, parsed with the batch)."""
         if status == 200:
             with self._counting:
                 self.forwarded += 1
-            return _Forwarded(job.key, job, _status_field(text))
+            return _Forwarded(job.key, job, _status_field(body))
+        text = body if isinstance(body, str) else json.dumps(body, ensure_ascii=False)
         if status >= 500:
             return self._retry(job, f"service answered {status}: {shown(text, 300)}", True)
         reason = f"service refused the job ({status}): {_error_text(status, text)}"
         _job_log(job).error("job failed: %s", reason)
-        return Failed(job, reason)
+        return _ToReport(job, reason)
 
     def _no_batch_api(self, status: int) -> None:
         """The service has no batch API: one job per request from now on, said once."""
@@ -433,7 +439,7 @@ class Forwarder:
             return Failed(job, f"{reason}; the service had the job: it reports the outcome,"
                                " no callback from the bridge")
         _job_log(job).error("job failed: %s", reason)
-        return Failed(job, reason)
+        return _ToReport(job, reason)
 
     def _unexpected(self, job: SpooledJob, error: str) -> Outcome:
         """Count the error against the job; dead-letter it once it reached the limit."""
@@ -541,8 +547,8 @@ def _log_forwarded(outcomes: Sequence[Outcome]) -> None:
                      job.attempts, outcome.status or "done")
 
 
-def _batch_answers(response: HttpResponse, count: int) -> tuple[list[tuple[int, str]] | None, str]:
-    """The batch API's 200 answer as (StatusCode, Body as JSON text) per job; else None and what is wrong."""
+def _batch_answers(response: HttpResponse, count: int) -> tuple[list[tuple[int, dict[str, Any]]] | None, str]:
+    """The batch API's 200 answer as (StatusCode, Body) per job; else None and what is wrong."""
     try:
         items = response.json()
     except ValueError:
@@ -558,14 +564,14 @@ def _batch_answers(response: HttpResponse, count: int) -> tuple[list[tuple[int, 
         if type(status) is not int or not isinstance(body, dict):
             return None, (f"answered 200 with item {index} not an object with an int StatusCode and an object "
                           f"Body: {shown(json.dumps(item), 200)}")
-        answers.append((status, json.dumps(body, ensure_ascii=False)))
+        answers.append((status, body))
     return answers, ""
 
 
-def _status_field(text: str) -> str | None:
+def _status_field(body: str | dict[str, Any]) -> str | None:
     """The `Status` of a 200 answer's body, when it has one."""
     try:
-        value = json.loads(text).get("Status")
+        value = (json.loads(body) if isinstance(body, str) else body).get("Status")
     except (ValueError, AttributeError):
         return None
     return value if isinstance(value, str) else None

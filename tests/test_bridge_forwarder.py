@@ -142,3 +142,23 @@ def test_jobs_taken_ahead_go_back_to_the_queue_when_the_bridge_stops(tmp_path, a
         forwarder.stop(0.5)
         counts = spool.counts()
         assert (counts.queued, counts.inflight, counts.done) == (5, 0, 0)
+
+
+def test_a_job_whose_first_answer_is_a_5xx_after_max_age_is_left_to_the_service_to_report(tmp_path, aicsd):
+    with StandInService(503, {"detail": "busy elsewhere"}) as service:
+        service.gate.clear()  # the answer comes after the job has grown too old
+        spool = Spool(tmp_path / "s.db")
+        job_id, _ = spooled_job(spool, aicsd)
+        forwarder = Forwarder(config(service.url, tmp_path / "s.db", max_age=0.5), spool, AicsdClient())
+        forwarder.start()
+        try:
+            wait_until(lambda: len(service.requests) == 1)
+            time.sleep(0.7)
+            service.gate.set()
+            wait_until(lambda: spool.counts().failed == 1)
+        finally:
+            forwarder.stop(5)
+    time.sleep(0.5)  # a callback the bridge sent would have arrived by now
+    assert aicsd.requests_for(job_id) == []
+    (reason,) = [reason for *_, reason in spool.dead_letters()]
+    assert "service answered 503" in reason and "the service had the job" in reason
