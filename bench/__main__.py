@@ -578,6 +578,7 @@ def main(argv: list[str] | None = None) -> int:
         memory["bridge MiB"] = rss_mib(bridge.process.pid)
         metrics["service"] = metrics_presence(f"{service.url}/metrics", "bentoml_service_request_total")
         metrics["bridge"] = metrics_presence(bridge.metrics_url, "aicsd_bridge_forwarded_total")
+        metrics["bridge requests"] = metrics_presence(bridge.metrics_url, "aicsd_bridge_service_requests_total")
         if args.soak:
             log.info("soak: 10,000 jobs, memory read after each 1,000")
             soak_figure, soak = soak_run(broker.port, sink, inputs, files / "output", chain,
@@ -619,6 +620,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name} MiB after each soak batch: {', '.join(f'{v:.0f}' for v in values)}")
     for name, found in metrics.items():
         print(metrics_line(name, found))
+    forwarded, requests = metrics["bridge"]["value"], metrics["bridge requests"]["value"]
+    if forwarded and requests:
+        print(f"  the bridge forwarded {forwarded / requests:.1f} jobs per request to the service (bridge.batch)")
     print(f"\n{profile.text()}")
     print(f"\nwrote {out / 'bench.json'} and {out / 'bench.png'}")
     return 0

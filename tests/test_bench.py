@@ -44,6 +44,7 @@ def test_quick_benchmark_writes_its_table_json_and_chart_and_stops_everything(bu
     assert 0 < bridge["value"] <= sum(f["count"] for f in report["figures"] if f["stage"] == "end to end (MQTT -> status)")
     assert f"metrics, service: {service['url']} answered 200, bentoml_service_request_total = " in result.stdout
     assert f"metrics, bridge: {bridge['url']} answered 200, aicsd_bridge_forwarded_total = " in result.stdout
+    assert report["metrics"]["bridge requests"]["value"] >= 1 and "jobs per request to the service" in result.stdout
     # Every stage of the chain says what each process cost per job, and how busy the cores were.
     chain = {"load generator", "service", "bridge", "AiCSD stand-in", f"broker ({report['machine']['broker']})",
              "all named"}
