@@ -85,6 +85,9 @@ class ClassificationPipeline:
         self.model = model
         self.size = size
         self.max_pixels = max_pixels
+        # Asked once: reading the output shape through OpenVINO cost about 2% of the service's
+        # interpreter time when it was asked for every job.
+        self.num_classes = self._num_classes()
 
     def classify(self, task: PipelineTask, top_k: int) -> Classification:
         """The `top_k` most probable labels for the first page of the task's image."""
@@ -104,7 +107,7 @@ class ClassificationPipeline:
         return Classification(self.model.name, top)
 
     def run(self, task: PipelineTask) -> PipelineOutcome:
-        params = ClassificationParams.from_params(task.params, self._num_classes())
+        params = ClassificationParams.from_params(task.params, self.num_classes)
         result = self.classify(task, params.top_k)
         best = result.top[0]
         task.log.info("top-1 %s (%d) %.3f", best.label, best.index, best.score)
@@ -114,7 +117,7 @@ class ClassificationPipeline:
     def describe(self) -> dict[str, object]:
         """What a pipeline listing shows: the model type, the kind and its parameters."""
         return {"model_type": self.model_type, "kind": "classification (ours)",
-                "parameters": ClassificationParams.schema(self._num_classes()).describe()}
+                "parameters": ClassificationParams.schema(self.num_classes).describe()}
 
     def warm_up(self) -> None:
         """One inference on a blank image, so the first real job pays no first-run cost."""
