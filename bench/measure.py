@@ -134,27 +134,41 @@ def _process_cpu_s(pid: int, tree: bool) -> float:
     return total / _TICK
 
 
-def _machine_busy_s() -> float:
-    """CPU seconds all cores spent on anything but idling or waiting for I/O since boot."""
+def _machine_cpu_s() -> tuple[float, float]:
+    """CPU seconds since boot: (busy, stolen). Busy is the cores' own work: user, nice, system,
+    irq, softirq. Stolen is time the hypervisor ran someone else while this VM had work: on a
+    shared host it comes and goes, and a stage that lost a fifth of a core to it is that much
+    slower whatever the code does, so it is shown beside every stage, never counted as busy."""
     values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    idle = values[3] + (values[4] if len(values) > 4 else 0)
-    return (sum(values[:8]) - idle) / _TICK
+    busy = values[0] + values[1] + values[2] + sum(values[5:7])
+    stolen = values[7] if len(values) > 7 else 0
+    return busy / _TICK, stolen / _TICK
 
 
 @dataclass(frozen=True)
 class CpuUse:
-    """What a stage cost: core-ms per job of each named process, and how many cores were busy."""
+    """What a stage cost: core-ms per job of each named process, how many cores were busy, and how
+    many the hypervisor took away."""
 
     per_job_ms: dict[str, float]
     busy_cores: float
     jobs: int
+    stolen_cores: float = 0.0
 
     def asdict(self) -> dict[str, object]:
-        return {"core_ms_per_job": self.per_job_ms, "busy_cores": self.busy_cores, "jobs": self.jobs}
+        return {"core_ms_per_job": self.per_job_ms, "busy_cores": self.busy_cores, "stolen_cores": self.stolen_cores,
+                "jobs": self.jobs}
 
     def text(self) -> str:
         parts = ", ".join(f"{name} {ms:.2f}" for name, ms in self.per_job_ms.items())
-        return f"core-ms per job: {parts}; busy cores {self.busy_cores:.2f} of {cores()}"
+        return (f"core-ms per job: {parts}; busy cores {self.busy_cores:.2f} of {cores()}, "
+                f"{self.stolen_cores:.2f} stolen")
+
+
+def _cores_used(wall: tuple[float, float], cpu0: tuple[float, float], cpu1: tuple[float, float]) -> tuple[float, float]:
+    """(busy cores, stolen cores) over a stage from two `_machine_cpu_s` readings."""
+    seconds = max(wall[1] - wall[0], 1e-9)
+    return (cpu1[0] - cpu0[0]) / seconds, (cpu1[1] - cpu0[1]) / seconds
 
 
 class CpuMeter:
@@ -165,21 +179,22 @@ class CpuMeter:
     def __init__(self, processes: dict[str, int], this_process: str = "load generator") -> None:
         self.processes = {this_process: os.getpid(), **processes}
 
-    def _read(self) -> tuple[float, float, dict[str, float]]:
-        return (time.monotonic(), _machine_busy_s(),
+    def _read(self) -> tuple[float, tuple[float, float], dict[str, float]]:
+        return (time.monotonic(), _machine_cpu_s(),
                 {name: _process_cpu_s(pid, tree=pid != os.getpid()) for name, pid in self.processes.items()})
 
-    def start(self) -> tuple[float, float, dict[str, float]]:
+    def start(self) -> tuple[float, tuple[float, float], dict[str, float]]:
         """A reading to pass to `since` when the stage is over."""
         return self._read()
 
-    def since(self, start: tuple[float, float, dict[str, float]], jobs: int) -> CpuUse:
+    def since(self, start: tuple[float, tuple[float, float], dict[str, float]], jobs: int) -> CpuUse:
         """The cost of the `jobs` jobs done since `start`."""
-        wall0, busy0, cpu0 = start
-        wall1, busy1, cpu1 = self._read()
+        wall0, machine0, cpu0 = start
+        wall1, machine1, cpu1 = self._read()
         per_job = {name: (cpu1[name] - cpu0[name]) * 1000 / max(jobs, 1) for name in self.processes}
         per_job["all named"] = sum(per_job.values())
-        return CpuUse(per_job, (busy1 - busy0) / max(wall1 - wall0, 1e-9), jobs)
+        busy, stolen = _cores_used((wall0, wall1), machine0, machine1)
+        return CpuUse(per_job, busy, jobs, stolen)
 
 
 def run_measured(command: list[str], jobs_of: Callable[[], int], **popen: object) -> CpuUse:
@@ -189,10 +204,11 @@ def run_measured(command: list[str], jobs_of: Callable[[], int], **popen: object
     import subprocess
 
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    wall0, busy0 = time.monotonic(), _machine_busy_s()
+    wall0, machine0 = time.monotonic(), _machine_cpu_s()
     subprocess.run(command, check=True, **popen)  # type: ignore[call-overload]
-    wall1, busy1 = time.monotonic(), _machine_busy_s()
+    wall1, machine1 = time.monotonic(), _machine_cpu_s()
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     jobs = jobs_of()
-    return CpuUse({command[0].rsplit("/", 1)[-1]: cpu_s * 1000 / max(jobs, 1)}, (busy1 - busy0) / (wall1 - wall0), jobs)
+    busy, stolen = _cores_used((wall0, wall1), machine0, machine1)
+    return CpuUse({command[0].rsplit("/", 1)[-1]: cpu_s * 1000 / max(jobs, 1)}, busy, jobs, stolen)

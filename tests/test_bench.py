@@ -55,9 +55,10 @@ def test_quick_benchmark_writes_its_table_json_and_chart_and_stops_everything(bu
                                                                        "all named"}
             assert set(cpu["core_ms_per_job"]) == wanted, (figure["setting"], cpu)
             assert cpu["core_ms_per_job"]["service"] > 0 and 0 < cpu["busy_cores"] <= report["machine"]["cores"] + 0.1
+            assert 0 <= cpu["stolen_cores"] <= report["machine"]["cores"] - cpu["busy_cores"] + 0.1
         elif figure["stage"] == "benchmark_app":
             assert figure["cpu"]["core_ms_per_job"]["benchmark_app"] > 0
-    assert "core-ms per job" in result.stdout and "busy cores" in result.stdout
+    assert "core-ms per job" in result.stdout and "busy cores" in result.stdout and "stolen" in result.stdout
     # Every target of issue 10 is printed with its verdict, the soak's memory among them.
     names = [target["name"] for target in report["targets"]]
     assert len(names) == 10 and any("bridge core-ms" in n for n in names) and any("memory growth" in n for n in names)
