@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel, Field
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 with bentoml.importing():
@@ -29,7 +29,16 @@ with bentoml.importing():
     from aicsd.job import Job, JobRequest
     from aicsd.logs import configure_logging, quiet_refused_requests, shown
     from pipeline.model_repository import ModelRepository
-    from serving.answers import MAX_BATCH, Answer, BatchItem, JobResponse, handled_answer, parsed_job, refusal
+    from serving.answers import (
+        MAX_BATCH,
+        Answer,
+        BatchItem,
+        JobResponse,
+        batch_body,
+        handled_answer,
+        parsed_job,
+        refusal,
+    )
     from serving.bundle import check_bundled_models
     from serving.jobs import JobHandler
     from serving.ledger import JobLedger
@@ -201,10 +210,7 @@ class AicsdPipeline:
         answers = await asyncio.gather(
             *(anyio.to_thread.run_sync(self._batch_job, raw, limiter=self._batch_limiter) for raw in jobs)
         )
-        return [
-            BatchItem(StatusCode=status, Body=body if isinstance(body, dict) else body.model_dump())
-            for status, body in answers
-        ]
+        return Response(batch_body(answers), media_type="application/json")  # type: ignore[return-value]
 
     def _batch_job(self, raw: dict[str, Any]) -> Answer:
         """One job of a batch; never raises, so one job's crash is its own 500, not the batch's."""

@@ -7,6 +7,8 @@ the bridge reads both with one function.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from http import HTTPStatus
 from typing import Any
 
@@ -19,8 +21,8 @@ from aicsd.logs import validation_problems
 
 from .jobs import Handled
 
-__all__ = ["MAX_BATCH", "Answer", "BatchItem", "CallbackResult", "JobResponse", "handled_answer", "parsed_job",
-           "refusal"]
+__all__ = ["MAX_BATCH", "Answer", "BatchItem", "CallbackResult", "JobResponse", "batch_body", "handled_answer",
+           "parsed_job", "refusal"]
 
 MAX_BATCH = 64
 """Jobs one `/classify_batch` request may carry."""
@@ -105,3 +107,16 @@ def handled_answer(job: Job, handled: Handled) -> tuple[int, JobResponse]:
         Repeated=handled.repeated,
         Note=handled.reason,
     )
+
+
+def batch_body(answers: Sequence[Answer]) -> bytes:
+    """The `/classify_batch` answer, a `BatchItem` per job, as JSON bytes.
+
+    Written directly: a `BatchItem` model per job, dumped again by BentoML, cost about 6% of the
+    service's interpreter time under a batch load (py-spy), for the same bytes.
+    """
+    items = []
+    for status, body in answers:
+        text = body.model_dump_json() if isinstance(body, BaseModel) else json.dumps(body, ensure_ascii=False)
+        items.append(f'{{"StatusCode":{int(status)},"Body":{text}}}')
+    return ("[" + ",".join(items) + "]").encode("utf-8")
