@@ -100,6 +100,31 @@ def benchmark_app(hint: str, seconds: int, workdir: Path) -> Figure:
                   count=cpu.jobs, cpu=cpu)
 
 
+def best_benchmark_app(hint: str, seconds: int, runs: int, workdir: Path) -> Figure:
+    """The best of `runs` runs of `benchmark_app`: the most images a second for the throughput hint,
+    the lowest median latency for the latency hint.
+
+    On a shared VM the hypervisor steals CPU in bursts (a fifth to a third of a core seen within
+    one run of `make bench`), and a reference measured in a burst makes every ratio look better
+    than it is. Others' load only ever slows a run down, so the best run is the closest to the
+    machine's limit, and the targets against it are the strictest.
+    """
+    tried = []
+    for run in range(runs):
+        figure = benchmark_app(hint, seconds, workdir)
+        stolen = figure.cpu.stolen_cores if figure.cpu else 0.0
+        log.info("benchmark_app -hint %s, run %d of %d: %.1f images/s, median latency %.2f ms, %.2f cores stolen",
+                 hint, run + 1, runs, figure.per_second, figure.p50_ms or 0.0, stolen)
+        tried.append(figure)
+    if hint == "latency":
+        best = min(tried, key=lambda f: f.p50_ms if f.p50_ms is not None else float("inf"))
+    else:
+        best = max(tried, key=lambda f: f.per_second)
+    if runs > 1:
+        best.setting += f", best of {runs}"
+    return best
+
+
 def pipeline_alone(inputs: dict[str, list[Path]], seconds: float, concurrency: int) -> list[Figure]:
     """The pipeline in this process, no HTTP: decode, preprocessing, inference, result."""
     from aicsd.job import ModelParams
@@ -527,8 +552,8 @@ def main(argv: list[str] | None = None) -> int:
     threads = 4  # bentoml.yaml: the service's threads
     figures: list[Figure] = []
     log.info("benchmark_app on %s", MODEL_XML)
-    ba_throughput = benchmark_app("throughput", 2 if quick else 15, work)
-    ba_latency = benchmark_app("latency", 2 if quick else 15, work)
+    ba_throughput = best_benchmark_app("throughput", 2 if quick else 10, 2 if quick else 3, work)
+    ba_latency = best_benchmark_app("latency", 2 if quick else 8, 1 if quick else 2, work)
     figures += [ba_throughput, ba_latency]
     log.info("pipeline alone")
     figures += pipeline_alone(inputs, stage_s, threads)

@@ -26,6 +26,8 @@ def test_quick_benchmark_writes_its_table_json_and_chart_and_stops_everything(bu
             "counting 2048x2048 16-bit"} <= stages
     assert report["machine"]["cores"] >= 1 and report["memory"]["service MiB"] > 0
     assert all(f["count"] > 0 for f in report["figures"])
+    assert [f["setting"] for f in report["figures"] if f["stage"] == "benchmark_app"] == [
+        "-hint throughput, best of 2", "-hint latency"]
     assert any("batches of 8" in f["setting"] for f in report["figures"] if f["stage"] == "service alone (HTTP)")
     assert (out / "bench.png").stat().st_size > 10_000
     profile = report["profile"]
