@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,9 @@ from .measure import CpuMeter, Figure, closed_loop, cores, cpu_model, rss_mib, r
 from .profile import Profile, find_worker, finish, record
 
 log = logging.getLogger("bench")
+
+RUNS = 2
+"""Runs of each stage a target is read from, the best kept (`best_of`); the reference gets 3."""
 MODEL_XML = REPO / "models" / "efficientnet-lite0" / "1" / "model.xml"
 TOPIC = "mqtt-export/pipeline/params"
 
@@ -100,6 +104,23 @@ def benchmark_app(hint: str, seconds: int, workdir: Path) -> Figure:
                   count=cpu.jobs, cpu=cpu)
 
 
+def best_of(runs: int, measure: Callable[[], Figure]) -> Figure:
+    """The run with the most jobs a second of `runs` runs of one stage, each run's rate logged.
+
+    Measured the way the reference is (`best_benchmark_app`): on a shared VM others' load only
+    ever slows a run down, and a stage compared in its slowest burst with a reference measured
+    in a quiet one (or the other way round) says more about the neighbours than about the code.
+    """
+    tried = [measure() for _ in range(runs)]
+    best = max(tried, key=lambda f: f.per_second)
+    if runs > 1:
+        log.info("%s, %s: %s jobs/s in %d runs, the best kept", best.stage, best.setting,
+                 ", ".join(f"{f.per_second:.1f} ({f.cpu.stolen_cores if f.cpu else 0:.2f} stolen)" for f in tried),
+                 runs)
+        best.setting += f", best of {runs}"
+    return best
+
+
 def best_benchmark_app(hint: str, seconds: int, runs: int, workdir: Path) -> Figure:
     """The best of `runs` runs of `benchmark_app`: the most images a second for the throughput hint,
     the lowest median latency for the latency hint.
@@ -125,7 +146,7 @@ def best_benchmark_app(hint: str, seconds: int, runs: int, workdir: Path) -> Fig
     return best
 
 
-def pipeline_alone(inputs: dict[str, list[Path]], seconds: float, concurrency: int) -> list[Figure]:
+def pipeline_alone(inputs: dict[str, list[Path]], seconds: float, concurrency: int, runs: int) -> list[Figure]:
     """The pipeline in this process, no HTTP: decode, preprocessing, inference, result."""
     from aicsd.job import ModelParams
     from pipeline.model_repository import ModelRepository
@@ -144,12 +165,15 @@ def pipeline_alone(inputs: dict[str, list[Path]], seconds: float, concurrency: i
             outcome = runner.run_local(files[n % len(files)], files[0].parent, ModelParams({}))
             assert outcome.status == "PipelineComplete", outcome.results
 
-        meter = CpuMeter({}, this_process="pipeline (this process)")
-        start = meter.start()
-        latencies, elapsed = closed_loop(job, concurrency, seconds)
-        figure = summarise("pipeline alone", f"{kind}, {concurrency} threads", latencies, elapsed)
-        figure.cpu = meter.since(start, figure.count)
-        figures.append(figure)
+        def measure(job: Callable[[int], None] = job, kind: str = kind) -> Figure:
+            meter = CpuMeter({}, this_process="pipeline (this process)")
+            start = meter.start()
+            latencies, elapsed = closed_loop(job, concurrency, seconds)
+            figure = summarise("pipeline alone", f"{kind}, {concurrency} threads", latencies, elapsed)
+            figure.cpu = meter.since(start, figure.count)
+            return figure
+
+        figures.append(best_of(runs, measure))
     return figures
 
 
@@ -238,7 +262,7 @@ class Sink:
 
 
 def service_alone(url: str, sink: Sink, inputs: dict[str, list[Path]], output: Path, seconds: float,
-                  levels: tuple[int, ...], meter: CpuMeter) -> list[Figure]:
+                  levels: tuple[int, ...], meter: CpuMeter, runs: int = 1) -> list[Figure]:
     """POST /classify over HTTP at several concurrencies; each job includes both AiCSD callbacks.
     The load comes from one asyncio loop on raw keep-alive connections (bench.http_load), so that
     on a small machine it takes little of the CPU the service needs."""
@@ -257,11 +281,14 @@ def service_alone(url: str, sink: Sink, inputs: dict[str, list[Path]], output: P
             def body(n: int, files: list[Path] = files) -> dict:
                 return sink.job(files[n % len(files)], output)[1]
 
-            start = meter.start()
-            latencies, elapsed = post_closed_loop(f"{url}/classify", body, check, concurrency, seconds)
-            figure = summarise("service alone (HTTP)", f"{kind}, concurrency {concurrency}", latencies, elapsed)
-            figure.cpu = meter.since(start, figure.count)
-            figures.append(figure)
+            def measure(body: Callable[[int], dict] = body, kind: str = kind, concurrency: int = concurrency) -> Figure:
+                start = meter.start()
+                latencies, elapsed = post_closed_loop(f"{url}/classify", body, check, concurrency, seconds)
+                figure = summarise("service alone (HTTP)", f"{kind}, concurrency {concurrency}", latencies, elapsed)
+                figure.cpu = meter.since(start, figure.count)
+                return figure
+
+            figures.append(best_of(runs, measure))
     return figures
 
 
@@ -451,12 +478,12 @@ def cpu_table(figures: list[Figure]) -> str:
     for f in measured:
         names += [name for name in f.cpu.per_job_ms if name not in names]  # type: ignore[union-attr]
     names.sort(key=lambda name: name == "all named")  # the sum goes last
-    lines = [f"{'core-ms per job':<30} {'setting':<34} " + " ".join(f"{n[:16]:>16}" for n in names)
+    lines = [f"{'core-ms per job':<30} {'setting':<48} " + " ".join(f"{n[:16]:>16}" for n in names)
              + f" {'busy cores':>10} {'stolen':>7}"]
     for f in measured:
         assert f.cpu is not None
         cells = " ".join(f"{f.cpu.per_job_ms[n]:>16.2f}" if n in f.cpu.per_job_ms else f"{'':>16}" for n in names)
-        lines.append(f"{f.stage:<30} {f.setting:<34} {cells} {f.cpu.busy_cores:>10.2f} {f.cpu.stolen_cores:>7.2f}")
+        lines.append(f"{f.stage:<30} {f.setting:<48} {cells} {f.cpu.busy_cores:>10.2f} {f.cpu.stolen_cores:>7.2f}")
     return "\n".join(lines)
 
 
@@ -483,12 +510,12 @@ def metrics_line(name: str, found: dict) -> str:
 # --- report ------------------------------------------------------------------------------------
 
 def table(figures: list[Figure], limit: float) -> str:
-    lines = [f"{'stage':<30} {'setting':<34} {'per s':>9} {'ratio':>6} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}"]
+    lines = [f"{'stage':<30} {'setting':<48} {'per s':>9} {'ratio':>6} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}"]
     for f in figures:
         def ms(v: float | None) -> str:
             return "" if v is None or v != v else f"{v:.1f}"
         ratio = f"{f.per_second / limit:.2f}" if limit and f.stage != "counting 2048x2048 16-bit" else ""
-        lines.append(f"{f.stage:<30} {f.setting:<34} {f.per_second:>9.1f} {ratio:>6} {ms(f.p50_ms):>8} "
+        lines.append(f"{f.stage:<30} {f.setting:<48} {f.per_second:>9.1f} {ratio:>6} {ms(f.p50_ms):>8} "
                      f"{ms(f.p95_ms):>8} {ms(f.p99_ms):>8}")
     return "\n".join(lines)
 
@@ -556,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
     ba_latency = best_benchmark_app("latency", 2 if quick else 8, 1 if quick else 2, work)
     figures += [ba_throughput, ba_latency]
     log.info("pipeline alone")
-    figures += pipeline_alone(inputs, stage_s, threads)
+    figures += pipeline_alone(inputs, stage_s, threads, RUNS)
     figures += counting_stages(inputs, files / "output", 1 if quick else 4)
 
     broker_name = broker_kind()
@@ -579,7 +606,8 @@ def main(argv: list[str] | None = None) -> int:
         started.append(service)
         log.info("service alone")
         service_meter = CpuMeter({"service": service.process.pid, "AiCSD stand-in": sink.process.pid})
-        figures += service_alone(service.url, sink, inputs, files / "output", stage_s, (1, 2, 4, 8), service_meter)
+        figures += service_alone(service.url, sink, inputs, files / "output", stage_s, (1, 2, 4, 8), service_meter,
+                                 RUNS)
         figures.append(service_batches(service.url, sink, inputs["jpeg512"], files / "output", stage_s,
                                        service_meter))
         log.info("profile of the service under load")
@@ -595,8 +623,9 @@ def main(argv: list[str] | None = None) -> int:
         chain = CpuMeter({"service": service.process.pid, "bridge": bridge.process.pid,
                           f"broker ({broker.kind})": broker.process.pid, "AiCSD stand-in": sink.process.pid})
         log.info("end to end")
-        saturation = end_to_end(broker.port, sink, inputs, files / "output", 20 if quick else 1500, None,
-                                "saturation (all published at once)", chain)
+        saturation = best_of(RUNS, lambda: end_to_end(broker.port, sink, inputs, files / "output",
+                                                      20 if quick else 1500, None,
+                                                      "saturation (all published at once)", chain))
         half = max(1.0, saturation.per_second / 2)
         steady = end_to_end(broker.port, sink, inputs, files / "output",
                             max(10, int(half * (2 if quick else 15))), half, f"half load ({half:.0f} jobs/s)", chain)
