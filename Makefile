@@ -75,7 +75,7 @@ lint: $(VENV)/.installed ## Check style (ruff) and types (mypy; strict for aicsd
 	$(PY) -m ruff check .
 	$(PY) -m mypy
 
-bench: setup ## Measure the whole chain against benchmark_app, CPU per job of each process (about 4 min; BENCH_ARGS=--soak for 10,000 jobs)
+bench: setup ## Measure the whole chain against benchmark_app, CPU per job of each process (about 5 min; BENCH_ARGS=--soak for 10,000 jobs)
 	$(PY) -m bench $(BENCH_ARGS)
 
 build: models ## Build the bento (bentoml build) and print its tag

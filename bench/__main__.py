@@ -5,12 +5,15 @@
 Starts everything itself on loopback (Mosquitto, the service under `bentoml serve`, the bridge,
 the AiCSD stand-in as callback sink), and reports side by side: `benchmark_app` on the same IR
 (the limit), the pipeline alone, the service alone over HTTP at concurrency 1, 2, 4 and 8 with
-callbacks, and end to end from MQTT publish to AiCSD's status callback, at saturation and at
-half of it; plus the counting pipeline on 2048x2048 16-bit TIFFs, start-up time with a warm
+callbacks (and on /classify_batch), and end to end from MQTT publish to AiCSD's status callback,
+at saturation and at half of it; plus the counting pipeline on 2048x2048 16-bit TIFFs, start-up time with a warm
 compiled-model cache, resident memory, and a py-spy profile of the service worker under load
 (where its interpreter time goes). It also says whether both Prometheus endpoints answered (the
 service's `/metrics`, the bridge's metrics port), since the figures are taken with both on.
-Prints a table, writes bench.json, bench.png and the raw profile-gil.txt.
+The reference is the best of several `benchmark_app` runs and each stage a target is read from
+the best of `RUNS`, with the CPU the hypervisor stole shown for each (`best_of`): on a shared VM
+others' load only slows a run down. Prints a table, writes bench.json, bench.png and the raw
+profile-gil.txt.
 `--quick` is a seconds-long smoke run; `--soak` adds 10,000 jobs to show memory stays flat.
 """
 
