@@ -149,11 +149,11 @@ def test_a_job_whose_first_answer_is_a_5xx_after_max_age_is_left_to_the_service_
         service.gate.clear()  # the answer comes after the job has grown too old
         spool = Spool(tmp_path / "s.db")
         job_id, _ = spooled_job(spool, aicsd)
-        forwarder = Forwarder(config(service.url, tmp_path / "s.db", max_age=0.5), spool, AicsdClient())
+        forwarder = Forwarder(config(service.url, tmp_path / "s.db", max_age=1.0), spool, AicsdClient())
         forwarder.start()
         try:
             wait_until(lambda: len(service.requests) == 1)
-            time.sleep(0.7)
+            time.sleep(1.2)
             service.gate.set()
             wait_until(lambda: spool.counts().failed == 1)
         finally:
