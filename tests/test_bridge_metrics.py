@@ -142,3 +142,26 @@ def test_a_metrics_port_already_taken_stops_start_up_with_one_line_and_exit_code
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if "[INFO]" not in line]
     assert len(errors) == 1 and errors[0].startswith(f"error: bridge.metrics_port: cannot listen on 127.0.0.1:{port}")
+
+
+def test_a_backlog_reaches_the_real_service_in_batches_and_every_job_completes_once(
+    bridges, broker: Broker, service, aicsd, file_root, image, tmp_path
+):
+    # The service is reached through a relay started only once the jobs are queued: a backlog.
+    relay_port = free_port()
+    bridge = Bridge(tmp_path / "bridge", f"http://127.0.0.1:{relay_port}/classify", broker.port,
+                    client_id=f"bridge-{uuid.uuid4().hex[:8]}", metrics_port=free_port())
+    bridges.append(bridge)
+    bridge.start()
+    jobs, payloads = zip(*(job_payload(aicsd, image, file_root / "output") for _ in range(12)), strict=True)
+    publish(broker.port, [json.dumps(p) for p in payloads])
+    wait_for_metrics(bridge.metrics_url, lambda m: m[P + "spooled_total"] == 12)
+    relay = PortForward(relay_port, int(urlsplit(service.url).port or 0))
+    try:
+        assert_exactly_once(aicsd, jobs)
+        after = wait_for_metrics(bridge.metrics_url, lambda m: m[P + "forwarded_total"] == 12)
+    finally:
+        relay.close()
+    # Each request that reached the service carried several jobs: fewer requests in all (refused
+    # ones included) than jobs.
+    assert after[P + "service_requests_total"] < 12
