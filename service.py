@@ -26,11 +26,10 @@ from starlette.routing import Route
 with bentoml.importing():
     from aicsd.callbacks import AicsdClient, RetryPolicy
     from aicsd.errors import JobRejected
-    from aicsd.job import Job, JobRequest
+    from aicsd.job import MAX_BATCH, Job, JobRequest
     from aicsd.logs import configure_logging, quiet_refused_requests, shown
     from pipeline.model_repository import ModelRepository
     from serving.answers import (
-        MAX_BATCH,
         Answer,
         BatchItem,
         JobResponse,

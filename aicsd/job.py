@@ -21,12 +21,17 @@ from .errors import JobRejected, ParameterError
 from .logs import shown
 
 __all__ = [
+    "MAX_BATCH",
     "SEED_EXAMPLE",
     "CallbackUrls",
     "Job",
     "JobRequest",
     "ModelParams",
 ]
+
+MAX_BATCH = 64
+"""Jobs one request to the service's batch API (`/classify_batch`) may carry: the service refuses
+more, and the bridge's `bridge.batch` may not ask for more."""
 
 SEED_EXAMPLE: dict[str, Any] = {
     "InputFileLocation": "/tmp/files/input/1.tiff",

@@ -27,6 +27,7 @@ from pydantic_settings import SettingsConfigDict
 
 from aicsd.callback_rules import parse_callback_hosts
 from aicsd.errors import SettingsError
+from aicsd.job import MAX_BATCH
 from aicsd.settings import DeclaredSettings
 
 __all__ = ["BridgeConfig", "BridgeEnvironment", "ConfigError", "TlsConfig", "load_config"]
@@ -38,7 +39,6 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 DEFAULT_METRICS_PORT = 9464
 DEFAULT_METRICS_ADDRESS = "0.0.0.0"
 DEFAULT_BATCH = 8
-MAX_BATCH = 64  # the service's batch API takes 1..64 jobs
 _HOST_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*$")
 
 

@@ -21,11 +21,8 @@ from aicsd.logs import validation_problems
 
 from .jobs import Handled
 
-__all__ = ["MAX_BATCH", "Answer", "BatchItem", "CallbackResult", "JobResponse", "batch_body", "handled_answer",
-           "parsed_job", "refusal"]
-
-MAX_BATCH = 64
-"""Jobs one `/classify_batch` request may carry."""
+__all__ = ["Answer", "BatchItem", "CallbackResult", "JobResponse", "batch_body", "handled_answer", "parsed_job",
+           "refusal"]
 
 
 class CallbackResult(BaseModel):
