@@ -362,7 +362,7 @@ class Forwarder:
             response = self._post(self.config.batch_url, body)
         except HttpFailure as exc:
             for job in jobs:
-                decided[job.key] = self._retry(job, f"service unreachable: {exc}", job.service_answered)
+                decided[job.key] = self._unreachable(job, exc)
             return
         status = response.status_code
         if status == 200:
@@ -371,10 +371,9 @@ class Forwarder:
                 for job, (item_status, item_body) in zip(jobs, answers, strict=True):
                     decided[job.key] = self._answered(job, item_status, item_body)
                 return
-        elif status >= 500:
-            error = f"service answered {status}: {shown(response.text, 300)}"
+        elif status >= 500:  # the service had the batch: each job as a 5xx of its own
             for job in jobs:
-                decided[job.key] = self._retry(job, error, True)
+                decided[job.key] = self._answered(job, status, response.text)
             return
         elif status in (404, 405):
             self._no_batch_api(status)
@@ -394,7 +393,7 @@ class Forwarder:
             try:
                 response = self._post(self.config.service_url, job.payload.encode("utf-8"))
             except HttpFailure as exc:
-                decided[job.key] = self._retry(job, f"service unreachable: {exc}", job.service_answered)
+                decided[job.key] = self._unreachable(job, exc)
             else:
                 decided[job.key] = self._answered(job, response.status_code, response.text)
 
@@ -402,6 +401,10 @@ class Forwarder:
         with self._counting:
             self.requests += 1
         return self._http.request("POST", url, body, {"Content-Type": "application/json"})
+
+    def _unreachable(self, job: SpooledJob, exc: HttpFailure) -> Outcome:
+        """No answer: the service may never have seen the job, so what it was told before stands."""
+        return self._retry(job, f"service unreachable: {exc}", job.service_answered)
 
     def _answered(self, job: SpooledJob, status: int, body: str | dict[str, Any]) -> Outcome:
         """What the service's answer for one job means: the single API's answer (its body as
