@@ -19,7 +19,7 @@ from bridge.forwarder import Forwarder
 from bridge.spool import Spool
 from devtools.servers import free_port
 
-from .test_bridge_forwarder import config, scrape, wait_until
+from .test_bridge_forwarder import clock_that_ends_a_worker_once, config, scrape, wait_until
 from .test_bridge_republish import StandInService
 from .test_bridge_units import GOOD_CONFIG, write
 
@@ -194,15 +194,7 @@ def test_a_batch_answer_larger_than_one_single_answer_is_read(tmp_path, aicsd):
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread ends on purpose
 def test_a_worker_that_ends_holding_a_batch_has_every_job_of_it_queued_again(tmp_path, aicsd):
-    import time
-
-    faults = [SystemExit("a worker ends")]  # not an Exception: it ends the thread
-
-    def clock() -> float:
-        if faults:
-            raise faults.pop()
-        return time.time()
-
+    clock = clock_that_ends_a_worker_once()
     with StandInService(200, COMPLETE, batch=True) as service:
         spool = Spool(tmp_path / "s.db")
         spool_jobs(spool, aicsd, 3)

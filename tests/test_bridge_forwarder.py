@@ -47,15 +47,22 @@ def spooled_job(spool: Spool, aicsd) -> tuple[str, str]:
     return urls.job_id, urls.task_id
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread ends on purpose
-def test_a_worker_that_ends_is_restarted_and_its_job_still_goes_through(tmp_path, aicsd):
-    faults = [SystemExit("a worker ends")]  # not an Exception: it ends the thread
+def clock_that_ends_a_worker_once() -> Callable[[], float]:
+    """The forwarder's clock, raising SystemExit (not an Exception: it ends the worker's thread)
+    the first time it is read, and telling the time after."""
+    faults = [SystemExit("a worker ends")]
 
     def clock() -> float:
         if faults:
             raise faults.pop()
         return time.time()
 
+    return clock
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread ends on purpose
+def test_a_worker_that_ends_is_restarted_and_its_job_still_goes_through(tmp_path, aicsd):
+    clock = clock_that_ends_a_worker_once()
     with StandInService(200, {"Status": "PipelineComplete"}) as service:
         spool = Spool(tmp_path / "s.db")
         key = spooled_job(spool, aicsd)

@@ -54,15 +54,22 @@ def listening(process: subprocess.Popen) -> set[tuple[str, int]]:
     return {(c.laddr.ip, c.laddr.port) for c in connections if c.status == psutil.CONN_LISTEN}
 
 
-def test_counters_and_gauges_say_what_happened_to_the_jobs(
-    bridges, broker: Broker, service, aicsd, file_root, image, tmp_path
-):
-    # The service is reached through a relay started only later, so the first job stays queued.
+def bridge_behind_a_relay(bridges: list[Bridge], broker: Broker, tmp_path: Path) -> tuple[Bridge, int]:
+    """A started bridge with its metrics on, sending to the service through a loopback port no
+    one listens on yet: jobs stay queued until the test starts a relay (`PortForward`) there."""
     relay_port = free_port()
     bridge = Bridge(tmp_path / "bridge", f"http://127.0.0.1:{relay_port}/classify", broker.port,
                     client_id=f"bridge-{uuid.uuid4().hex[:8]}", metrics_port=free_port())
     bridges.append(bridge)
     bridge.start()
+    return bridge, relay_port
+
+
+def test_counters_and_gauges_say_what_happened_to_the_jobs(
+    bridges, broker: Broker, service, aicsd, file_root, image, tmp_path
+):
+    # The service is reached through a relay started only later, so the first job stays queued.
+    bridge, relay_port = bridge_behind_a_relay(bridges, broker, tmp_path)
     assert listening(bridge.process) == {("127.0.0.1", bridge.metrics_port)}
     before = scrape(bridge.metrics_url)
     assert before[P + "broker_connected"] == 1 and before[P + "workers_alive"] == before[P + "workers"] == 2
@@ -148,11 +155,7 @@ def test_a_backlog_reaches_the_real_service_in_batches_and_every_job_completes_o
     bridges, broker: Broker, service, aicsd, file_root, image, tmp_path
 ):
     # The service is reached through a relay started only once the jobs are queued: a backlog.
-    relay_port = free_port()
-    bridge = Bridge(tmp_path / "bridge", f"http://127.0.0.1:{relay_port}/classify", broker.port,
-                    client_id=f"bridge-{uuid.uuid4().hex[:8]}", metrics_port=free_port())
-    bridges.append(bridge)
-    bridge.start()
+    bridge, relay_port = bridge_behind_a_relay(bridges, broker, tmp_path)
     jobs, payloads = zip(*(job_payload(aicsd, image, file_root / "output") for _ in range(12)), strict=True)
     publish(broker.port, [json.dumps(p) for p in payloads])
     wait_for_metrics(bridge.metrics_url, lambda m: m[P + "spooled_total"] == 12)
