@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import json
 import uuid
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
+
+from devtools.servers import free_port
 
 from .conftest import copy_into
 from .test_service import CAT, assert_one_put_then_one_post, classify, job_body
@@ -77,3 +80,20 @@ def test_a_batch_that_is_not_an_array_of_1_to_64_objects_is_refused_whole(servic
     response = classify_batch(client, service, bodies)
     assert response.status_code == 400
     assert problem in response.text
+
+
+def test_a_job_whose_aicsd_is_away_is_a_502_item_to_try_later_and_the_others_complete(
+    service, aicsd, client, file_root, photos
+):
+    cat = copy_into(file_root, photos["chelsea"], f"{uuid.uuid4()}.png")
+    good, good_body = job_body(aicsd, cat, file_root / "output")
+    _, away = job_body(aicsd, cat, file_root / "output")
+    gone = f"127.0.0.1:{free_port()}"  # nothing listens there: AiCSD is away for this job
+    for url in ("JobUpdateUrl", "PipelineStatusUrl"):
+        away[url] = away[url].replace(urlsplit(away[url]).netloc, gone)
+
+    items = classify_batch(client, service, [away, good_body]).json()
+
+    assert [item["StatusCode"] for item in items] == [502, 200]
+    assert items[0]["Body"]["Status"] == "" and items[0]["Body"]["Note"]
+    assert_one_put_then_one_post(aicsd, good, "PipelineComplete")
