@@ -19,6 +19,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from bridge.spool import Spool
 from devtools.servers import REPO, Bridge, Broker, free_port, publish
 
 from .test_bridge import assert_exactly_once, job_payload
@@ -54,22 +55,15 @@ def listening(process: subprocess.Popen) -> set[tuple[str, int]]:
     return {(c.laddr.ip, c.laddr.port) for c in connections if c.status == psutil.CONN_LISTEN}
 
 
-def bridge_behind_a_relay(bridges: list[Bridge], broker: Broker, tmp_path: Path) -> tuple[Bridge, int]:
-    """A started bridge with its metrics on, sending to the service through a loopback port no
-    one listens on yet: jobs stay queued until the test starts a relay (`PortForward`) there."""
+def test_counters_and_gauges_say_what_happened_to_the_jobs(
+    bridges, broker: Broker, service, aicsd, file_root, image, tmp_path
+):
+    # The service is reached through a relay started only later, so the first job stays queued.
     relay_port = free_port()
     bridge = Bridge(tmp_path / "bridge", f"http://127.0.0.1:{relay_port}/classify", broker.port,
                     client_id=f"bridge-{uuid.uuid4().hex[:8]}", metrics_port=free_port())
     bridges.append(bridge)
     bridge.start()
-    return bridge, relay_port
-
-
-def test_counters_and_gauges_say_what_happened_to_the_jobs(
-    bridges, broker: Broker, service, aicsd, file_root, image, tmp_path
-):
-    # The service is reached through a relay started only later, so the first job stays queued.
-    bridge, relay_port = bridge_behind_a_relay(bridges, broker, tmp_path)
     assert listening(bridge.process) == {("127.0.0.1", bridge.metrics_port)}
     before = scrape(bridge.metrics_url)
     assert before[P + "broker_connected"] == 1 and before[P + "workers_alive"] == before[P + "workers"] == 2
@@ -154,17 +148,21 @@ def test_a_metrics_port_already_taken_stops_start_up_with_one_line_and_exit_code
 def test_a_backlog_reaches_the_real_service_in_batches_and_every_job_completes_once(
     bridges, broker: Broker, service, aicsd, file_root, image, tmp_path
 ):
-    # The service is reached through a relay started only once the jobs are queued: a backlog.
-    bridge, relay_port = bridge_behind_a_relay(bridges, broker, tmp_path)
-    jobs, payloads = zip(*(job_payload(aicsd, image, file_root / "output") for _ in range(12)), strict=True)
-    publish(broker.port, [json.dumps(p) for p in payloads])
-    wait_for_metrics(bridge.metrics_url, lambda m: m[P + "spooled_total"] == 12)
-    relay = PortForward(relay_port, int(urlsplit(service.url).port or 0))
-    try:
-        assert_exactly_once(aicsd, jobs)
-        after = wait_for_metrics(bridge.metrics_url, lambda m: m[P + "forwarded_total"] == 12)
-    finally:
-        relay.close()
-    # Each request that reached the service carried several jobs: fewer requests in all (refused
-    # ones included) than jobs.
+    # A backlog the bridge finds in its spool at start-up (jobs received before a restart): all
+    # due at once, whatever pace the broker delivers at.
+    bridge = Bridge(tmp_path / "bridge", f"{service.url}/classify", broker.port,
+                    client_id=f"bridge-{uuid.uuid4().hex[:8]}", metrics_port=free_port())
+    bridge.folder.mkdir(parents=True)
+    spool = Spool(bridge.spool)
+    jobs = []
+    for _ in range(12):
+        job, payload = job_payload(aicsd, image, file_root / "output")
+        spool.add(job.job_id, job.task_id, json.dumps(payload))
+        jobs.append(job)
+    spool.close()
+    bridges.append(bridge)
+    bridge.start()
+    assert_exactly_once(aicsd, jobs)
+    after = wait_for_metrics(bridge.metrics_url, lambda m: m[P + "forwarded_total"] == 12)
+    # Each request carried several jobs: fewer requests than jobs.
     assert after[P + "service_requests_total"] < 12
