@@ -19,7 +19,8 @@ from pipeline.base import InputFile, OutputFolder
 
 __all__ = ["open_input_file", "open_output_folder", "resolve_inside"]
 
-_PROC_FD = Path("/proc/self/fd")
+_PROC_FD = "/proc/self/fd"
+_O_PATH: int = getattr(os, "O_PATH", 0)
 
 
 def _checked_text(path: Path | str, field: str) -> str:
@@ -36,8 +37,42 @@ def _checked_text(path: Path | str, field: str) -> str:
     return text
 
 
-def _inside(real: Path, roots: tuple[Path, ...]) -> bool:
-    return any(real.is_relative_to(root.resolve()) for root in roots)
+def _real_path(text: str) -> tuple[str, os.stat_result]:
+    """Where `text` leads with every link followed, and what is there; OSError as `open` raises it.
+
+    The kernel follows the links: an O_PATH descriptor (which opens nothing, so no device or FIFO
+    notices) and its own path in /proc. Python's `Path.resolve` walks the path a part at a time,
+    with an lstat for each: about 0.15 ms of CPU per job for the input file and the output folder
+    against 0.03 ms here (measured by thread CPU time over 600 jobs of `python -m bench`'s
+    service, issue 10). Without O_PATH or /proc, `Path.resolve` it is."""
+    if _O_PATH:
+        fd = os.open(text, _O_PATH | os.O_CLOEXEC)
+        try:
+            real = os.readlink(f"{_PROC_FD}/{fd}")
+            if real.startswith("/"):
+                return real, os.stat(fd)
+        except FileNotFoundError:
+            pass  # no /proc
+        finally:
+            os.close(fd)
+    real_path = Path(text).resolve(strict=True)
+    return str(real_path), real_path.stat()
+
+
+def _real_roots(roots: tuple[Path, ...]) -> tuple[str, ...]:
+    """The roots with their links followed, each time: a root moved while serving is seen as it is now."""
+    real = []
+    for root in roots:
+        try:
+            real.append(_real_path(str(root))[0])
+        except (OSError, RuntimeError):
+            real.append(str(root.resolve()))
+    return tuple(real)
+
+
+def _inside(real: str, real_roots: tuple[str, ...]) -> bool:
+    """`real` is a root or lies under one (both absolute, links followed, no trailing slash but /)."""
+    return any(real == root or real.startswith(root if root.endswith("/") else root + "/") for root in real_roots)
 
 
 def _outside(field: str, text: str, roots: tuple[Path, ...]) -> InputFileError:
@@ -45,28 +80,35 @@ def _outside(field: str, text: str, roots: tuple[Path, ...]) -> InputFileError:
     return InputFileError(f"{field} '{text}' is outside the allowed file roots ({shown}, PIPELINE_FILE_ROOTS)")
 
 
-def resolve_inside(path: Path, roots: tuple[Path, ...], field: str, *, want_dir: bool) -> Path:
-    """Resolve `path` (symlinks followed) and insist it exists, has the right kind and lies in a root."""
+def resolve_inside(
+    path: Path, roots: tuple[Path, ...], field: str, *, want_dir: bool, real_roots: tuple[str, ...] | None = None
+) -> Path:
+    """Resolve `path` (symlinks followed) and insist it exists, has the right kind and lies in a root
+    (`real_roots`: the roots already resolved)."""
     text = _checked_text(path, field)
     try:
-        real = Path(text).resolve(strict=True)
+        real, info = _real_path(text)
     except FileNotFoundError:
         raise InputFileError(f"{field} '{text}' does not exist") from None
     except (OSError, RuntimeError) as exc:
         raise InputFileError(f"{field} '{text}' cannot be resolved: {getattr(exc, 'strerror', None) or exc}") from None
-    if not _inside(real, roots):
+    if not _inside(real, _real_roots(roots) if real_roots is None else real_roots):
         raise _outside(field, text, roots)
-    if want_dir and not real.is_dir():
+    if want_dir and not stat.S_ISDIR(info.st_mode):
         raise InputFileError(f"{field} '{text}' is not a directory")
-    if not want_dir and not real.is_file():
+    if not want_dir and not stat.S_ISREG(info.st_mode):
         raise InputFileError(f"{field} '{text}' is not a regular file")
-    return real
+    return Path(real)
 
 
 def _open_checked(path: Path, roots: tuple[Path, ...] | None, field: str, *, want_dir: bool) -> int:
     """Open `path` once, check the opened object, and return its descriptor."""
     text = _checked_text(path, field)
-    target = resolve_inside(path, roots, field, want_dir=want_dir) if roots is not None else Path(text)
+    real_roots = _real_roots(roots) if roots is not None else ()
+    if roots is None:
+        target = Path(text)
+    else:
+        target = resolve_inside(path, roots, field, want_dir=want_dir, real_roots=real_roots)
     kind = os.O_DIRECTORY if want_dir else os.O_NONBLOCK  # never block on a FIFO
     # The resolved path holds no link, so O_NOFOLLOW only refuses one swapped in since.
     nofollow = os.O_NOFOLLOW if roots is not None else 0
@@ -85,7 +127,7 @@ def _open_checked(path: Path, roots: tuple[Path, ...] | None, field: str, *, wan
         if not want_dir and not stat.S_ISREG(info.st_mode):
             raise InputFileError(f"{field} '{text}' is not a regular file")
         if roots is not None:
-            _confirm_inside(fd, info, target, roots, field, text)
+            _confirm_inside(fd, info, target, roots, real_roots, field, text)
     except BaseException:
         os.close(fd)
         raise
@@ -93,11 +135,12 @@ def _open_checked(path: Path, roots: tuple[Path, ...] | None, field: str, *, wan
 
 
 def _confirm_inside(
-    fd: int, info: os.stat_result, checked: Path, roots: tuple[Path, ...], field: str, text: str
+    fd: int, info: os.stat_result, checked: Path, roots: tuple[Path, ...], real_roots: tuple[str, ...],
+    field: str, text: str,
 ) -> None:
     """The opened object itself lies in a root (not only the path checked a moment before)."""
     try:
-        opened = Path(os.readlink(_PROC_FD / str(fd)))
+        opened = os.readlink(f"{_PROC_FD}/{fd}")
     except OSError:
         # No /proc: the descriptor must be the very object at the checked path.
         try:
@@ -107,7 +150,7 @@ def _confirm_inside(
         if now is None or (now.st_dev, now.st_ino) != (info.st_dev, info.st_ino):
             raise InputFileError(f"{field} '{text}' changed while it was being opened; not used") from None
         return
-    if not opened.is_absolute() or not _inside(opened, roots):
+    if not opened.startswith("/") or not _inside(opened, real_roots):
         raise _outside(field, text, roots)
 
 

@@ -6,6 +6,7 @@ not send a read or a write outside PIPELINE_FILE_ROOTS; paths no file can have g
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import threading
@@ -209,6 +210,57 @@ def test_fifo_as_input_is_refused_without_blocking(tmp_path):
         thread.join(30)
         assert not thread.is_alive(), "opening a FIFO blocked"
     assert [str(e).endswith("is not a regular file") for e in errors] == [True, True]
+
+
+def test_link_in_a_root_to_a_fifo_outside_is_refused_as_outside_without_opening_it(places):
+    root, outside = places
+    fifo = outside / "in" / "pipe.tiff"
+    os.mkfifo(fifo)
+    (root / "in" / "pipe.tiff").symlink_to(fifo)
+    errors: list[Exception] = []
+
+    def attempt():
+        try:
+            open_input_file(root / "in" / "pipe.tiff", (root,))
+        except InputFileError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=attempt, daemon=True)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive(), "following the link opened the FIFO"
+    [error] = errors
+    assert "is outside the allowed file roots" in str(error)
+    # Nothing ever opened the FIFO for reading: a writer that will not wait finds no reader.
+    with pytest.raises(OSError) as no_reader:
+        os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    assert no_reader.value.errno == errno.ENXIO
+
+
+@pytest.mark.parametrize("field, opener", [("InputFileLocation", open_input_file),
+                                           ("OutputFileFolder", open_output_folder)])
+def test_link_loop_gets_a_clear_reason(places, field, opener):
+    root, _ = places
+    (root / "in" / "a").symlink_to(root / "in" / "b")
+    (root / "in" / "b").symlink_to(root / "in" / "a")
+    with pytest.raises(InputFileError, match=f"^{field} .*/in/a' cannot be resolved: Too many levels of symbolic links"):
+        opener(root / "in" / "a", (root,))
+
+
+@pytest.mark.parametrize("root_text", ["/", "{root}", "{root}/"])
+def test_paths_inside_a_root_given_with_or_without_its_slash_are_inside(places, root_text):
+    root, _ = places
+    opened = open_input_file(root / "in" / "cells.tiff", (Path(root_text.format(root=root)),))
+    opened.close()
+
+
+def test_a_sibling_sharing_the_roots_name_as_prefix_is_outside(places, tmp_path):
+    root, _ = places
+    sibling = Path(f"{root}-sibling")
+    sibling.mkdir()
+    (sibling / "x.tiff").write_bytes((root / "in" / "cells.tiff").read_bytes())
+    with pytest.raises(InputFileError, match="is outside the allowed file roots"):
+        open_input_file(sibling / "x.tiff", (root,))
 
 
 @pytest.mark.integration
