@@ -221,11 +221,10 @@ class JobLedger:
 
     def finish(self, key: tuple[str, str, str]) -> None:
         """This process is done with the job for now: another may take it when it comes again."""
-        with self._transaction() as db:
-            db.execute(
-                "UPDATE jobs SET owner = '' WHERE job_id = ? AND task_id = ? AND digest = ? AND owner = ?",
-                (*key, self._owner),
-            )
+        self._statement(
+            "UPDATE jobs SET owner = '' WHERE job_id = ? AND task_id = ? AND digest = ? AND owner = ?",
+            (*key, self._owner),
+        )
 
     def release(self, key: tuple[str, str, str]) -> None:
         """Forget a run that stored no outcome (AiCSD unreachable for the task look-up, a crash in
@@ -279,11 +278,17 @@ class JobLedger:
             raise ValueError(f"unknown callback {callback!r}")
 
     def _update(self, key: tuple[str, str, str], assignments: str, values: tuple[Any, ...]) -> None:
-        with self._transaction() as db:
-            db.execute(
-                f"UPDATE jobs SET {assignments}, updated_at = ? WHERE job_id = ? AND task_id = ? AND digest = ?",
-                (*values, self._clock(), *key),
-            )
+        self._statement(
+            f"UPDATE jobs SET {assignments}, updated_at = ? WHERE job_id = ? AND task_id = ? AND digest = ?",
+            (*values, self._clock(), *key),
+        )
+
+    def _statement(self, sql: str, values: tuple[Any, ...]) -> None:
+        """One write that reads nothing first: SQLite runs a lone statement as a transaction of its
+        own, committed before `execute` returns, as atomic and as durable as one inside BEGIN and
+        COMMIT, with two statements fewer (three of a job's four steps are such writes)."""
+        with self._lock:
+            self._db.execute(sql, values)
 
     def prune(self) -> int:
         """Forget reported jobs older than `keep_reported` seconds; the count forgotten."""
