@@ -43,8 +43,8 @@ from PIL import Image
 from devtools.servers import REPO, Bridge, Broker, broker_kind, free_port, serve_bento, stop_process
 
 from .http_load import HttpLoadError, post_closed_loop
-from .measure import CpuMeter, Figure, closed_loop, cores, cpu_model, rss_mib, run_measured, summarise
-from .profile import Profile, find_worker, finish, record
+from .measure import CpuMeter, Figure, ThreadSplit, closed_loop, cores, cpu_model, rss_mib, run_measured, summarise
+from .profile import Profile, find_worker, finish, python_threads, record
 
 log = logging.getLogger("bench")
 
@@ -475,6 +475,24 @@ def cpu_table(figures: list[Figure]) -> str:
     return "\n".join(lines)
 
 
+def thread_table(figures: list[Figure]) -> str:
+    """The service's core-ms per job by kind of thread, beside benchmark_app's per image: how much
+    of a job is inference and how much the interpreter's work around it."""
+    reference = _find(figures, "benchmark_app", "throughput")
+    per_image = reference[0].cpu.per_job_ms.get("benchmark_app") if reference and reference[0].cpu else None
+    split = [f for f in figures if f.cpu is not None and f.cpu.threads_ms]
+    if not split:
+        return "service core-ms per job by thread: not measured (py-spy could not list the service's threads)"
+    kinds = list(split[0].cpu.threads_ms)  # type: ignore[union-attr]
+    head = f"{'service core-ms per job':<30} {'by thread':<48} " + " ".join(f"{k[:26]:>26}" for k in kinds)
+    lines = [head + f" {'benchmark_app per image':>24}"]
+    for f in split:
+        assert f.cpu is not None
+        cells = " ".join(f"{f.cpu.threads_ms.get(k, 0.0):>26.2f}" for k in kinds)
+        lines.append(f"{f.stage:<30} {f.setting:<48} {cells} {per_image or 0.0:>24.2f}")
+    return "\n".join(lines)
+
+
 def metrics_presence(url: str, wanted: str) -> dict:
     """Whether a Prometheus endpoint answers 200 with the sample `wanted`, and its value."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -594,7 +612,9 @@ def main(argv: list[str] | None = None) -> int:
         startup_s = time.monotonic() - start
         started.append(service)
         log.info("service alone")
-        service_meter = CpuMeter({"service": service.process.pid, "AiCSD stand-in": sink.process.pid})
+        worker = find_worker(service.process.pid)
+        split = ThreadSplit(worker, python_threads) if worker is not None else None
+        service_meter = CpuMeter({"service": service.process.pid, "AiCSD stand-in": sink.process.pid}, split=split)
         figures += service_alone(service.url, sink, inputs, files / "output", stage_s, (1, 2, 4, 8), service_meter,
                                  RUNS)
         figures.append(service_batches(service.url, sink, inputs["jpeg512"], files / "output", stage_s,
@@ -610,7 +630,8 @@ def main(argv: list[str] | None = None) -> int:
         started.append(bridge)
         assert broker.process is not None and bridge.process is not None
         chain = CpuMeter({"service": service.process.pid, "bridge": bridge.process.pid,
-                          f"broker ({broker.kind})": broker.process.pid, "AiCSD stand-in": sink.process.pid})
+                          f"broker ({broker.kind})": broker.process.pid, "AiCSD stand-in": sink.process.pid},
+                         split=split)
         log.info("end to end")
         saturation = best_of(RUNS, lambda: end_to_end(broker.port, sink, inputs, files / "output",
                                                       20 if quick else 1500, None,
@@ -653,7 +674,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(report, indent=2))
     chart(figures, limit, out / "bench.png")
-    print(f"\n{cpu_model()}, {cores()} cores\n\n{table(figures, limit)}\n\n{cpu_table(figures)}\n")
+    print(f"\n{cpu_model()}, {cores()} cores\n\n{table(figures, limit)}\n\n{cpu_table(figures)}\n\n"
+          f"{thread_table(figures)}\n")
     print("targets (issue 10), against benchmark_app in this run:" + (" (--quick: not a real run)" if quick else ""))
     for target in targets:
         print(target.line())

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["CpuMeter", "CpuUse", "Figure", "closed_loop", "process_tree", "rss_mib", "summarise"]
+__all__ = ["CpuMeter", "CpuUse", "Figure", "ThreadSplit", "closed_loop", "process_tree", "rss_mib", "summarise"]
 
 
 @dataclass
@@ -154,10 +154,12 @@ class CpuUse:
     busy_cores: float
     jobs: int
     stolen_cores: float = 0.0
+    threads_ms: dict[str, float] = field(default_factory=dict)
+    """One process's core-ms per job by kind of thread (`ThreadSplit`); empty when not split."""
 
     def asdict(self) -> dict[str, object]:
         return {"core_ms_per_job": self.per_job_ms, "busy_cores": self.busy_cores, "stolen_cores": self.stolen_cores,
-                "jobs": self.jobs}
+                "jobs": self.jobs, "core_ms_per_job_by_thread": self.threads_ms}
 
     def text(self) -> str:
         parts = ", ".join(f"{name} {ms:.2f}" for name, ms in self.per_job_ms.items())
@@ -171,30 +173,81 @@ def _cores_used(wall: tuple[float, float], cpu0: tuple[float, float], cpu1: tupl
     return (cpu1[0] - cpu0[0]) / seconds, (cpu1[1] - cpu0[1]) / seconds
 
 
+def thread_cpu_s(pid: int) -> dict[int, float]:
+    """User + system CPU seconds of each living thread of a process, by thread id."""
+    found = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for tid in tids:
+        fields = _stat_fields(f"{pid}/task/{tid}")
+        if fields is not None:
+            found[int(tid)] = (int(fields[11]) + int(fields[12])) / _TICK
+    return found
+
+
+INFERENCE_THREADS = "inference (native)"
+EVENT_LOOP = "event loop (HTTP)"
+JOB_THREADS = "job threads (Python)"
+
+
+@dataclass(frozen=True)
+class ThreadSplit:
+    """Splits one process's CPU by kind of thread, to tell inference from the interpreter's work:
+    threads the interpreter does not know are native ones (OpenVINO's inference streams), the main
+    thread runs the event loop (HTTP), and the other Python threads run the jobs.
+    `python_threads(pid)` names the Python threads by thread id (py-spy), or says why it cannot."""
+
+    pid: int
+    python_threads: Callable[[int], dict[int, str] | str]
+
+    def per_job_ms(self, before: dict[int, float], jobs: int) -> dict[str, float]:
+        """Core-ms per job of each kind since `before` (a `thread_cpu_s` reading); {} if untold."""
+        after = thread_cpu_s(self.pid)
+        named = self.python_threads(self.pid)
+        if isinstance(named, str):
+            return {}
+        split = {INFERENCE_THREADS: 0.0, EVENT_LOOP: 0.0, JOB_THREADS: 0.0}
+        for tid, cpu_s in after.items():
+            name = named.get(tid)
+            kind = INFERENCE_THREADS if name is None else EVENT_LOOP if name == "MainThread" else JOB_THREADS
+            split[kind] += (cpu_s - before.get(tid, 0.0)) * 1000 / max(jobs, 1)
+        return split
+
+
+_Reading = tuple[float, tuple[float, float], dict[str, float], dict[int, float]]
+
+
 class CpuMeter:
     """CPU time of the chain's processes over a stage, read from /proc (10 ms ticks, so a stage
     should run for seconds). The load generator is this process alone, not its children: the
-    servers it started are counted under their own names."""
+    servers it started are counted under their own names. With `split`, one process's CPU is also
+    told by kind of thread."""
 
-    def __init__(self, processes: dict[str, int], this_process: str = "load generator") -> None:
+    def __init__(self, processes: dict[str, int], this_process: str = "load generator",
+                 split: ThreadSplit | None = None) -> None:
         self.processes = {this_process: os.getpid(), **processes}
+        self.split = split
 
-    def _read(self) -> tuple[float, tuple[float, float], dict[str, float]]:
+    def _read(self) -> _Reading:
         return (time.monotonic(), _machine_cpu_s(),
-                {name: _process_cpu_s(pid, tree=pid != os.getpid()) for name, pid in self.processes.items()})
+                {name: _process_cpu_s(pid, tree=pid != os.getpid()) for name, pid in self.processes.items()},
+                thread_cpu_s(self.split.pid) if self.split else {})
 
-    def start(self) -> tuple[float, tuple[float, float], dict[str, float]]:
+    def start(self) -> _Reading:
         """A reading to pass to `since` when the stage is over."""
         return self._read()
 
-    def since(self, start: tuple[float, tuple[float, float], dict[str, float]], jobs: int) -> CpuUse:
+    def since(self, start: _Reading, jobs: int) -> CpuUse:
         """The cost of the `jobs` jobs done since `start`."""
-        wall0, machine0, cpu0 = start
-        wall1, machine1, cpu1 = self._read()
+        wall0, machine0, cpu0, threads0 = start
+        wall1, machine1, cpu1, _ = self._read()
         per_job = {name: (cpu1[name] - cpu0[name]) * 1000 / max(jobs, 1) for name in self.processes}
         per_job["all named"] = sum(per_job.values())
         busy, stolen = _cores_used((wall0, wall1), machine0, machine1)
-        return CpuUse(per_job, busy, jobs, stolen)
+        threads = self.split.per_job_ms(threads0, jobs) if self.split else {}
+        return CpuUse(per_job, busy, jobs, stolen, threads)
 
 
 def run_measured(command: list[str], jobs_of: Callable[[], int], **popen: object) -> CpuUse:

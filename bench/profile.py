@@ -8,6 +8,7 @@ handling, the pipeline (decode, preprocessing, inference, results) and the AiCSD
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from .measure import process_tree
 
-__all__ = ["Profile", "bucket_samples", "find_worker", "finish", "record"]
+__all__ = ["Profile", "bucket_samples", "find_worker", "finish", "python_threads", "record"]
 
 # (bucket, prefix of a frame's function name): a sample goes to the first bucket one of its frames
 # matches, so the more specific buckets come first; a sample matching none is HTTP handling.
@@ -94,9 +95,34 @@ def bucket_samples(raw: str, top: int = 12) -> Profile:
     return Profile(total, buckets, [(name, round(100 * n / total, 1)) for name, n in own.most_common(top)])
 
 
+def _py_spy() -> str | None:
+    return shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+
+
+_THREAD_LINE = re.compile(r'^Thread (\d+) \((?:active|idle)[^)]*\): "(.*)"$', re.MULTILINE)
+
+
+def python_threads(pid: int) -> dict[int, str] | str:
+    """The interpreter's threads of `pid` by native thread id, with their names (py-spy dump,
+    without stopping the process), or why they cannot be told."""
+    spy = _py_spy()
+    if spy is None:
+        return "py-spy is not installed (pip install -r requirements-dev.txt)"
+    try:
+        done = subprocess.run([spy, "dump", "--nonblocking", "--pid", str(pid)], capture_output=True, text=True,
+                              timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"py-spy dump failed: {exc}"
+    found = {int(tid): name for tid, name in _THREAD_LINE.findall(done.stdout)}
+    if done.returncode != 0 or not found:
+        message = (done.stderr.strip().splitlines() or ["no thread listed"])[-1]
+        return f"py-spy dump failed ({done.returncode}): {message}"
+    return found
+
+
 def record(pid: int, seconds: float, raw_path: Path) -> subprocess.Popen[bytes] | str:
     """Start py-spy on `pid` for `seconds`; the running recorder, or why it cannot run."""
-    spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+    spy = _py_spy()
     if spy is None:
         return "py-spy is not installed (pip install -r requirements-dev.txt)"
     command = [spy, "record", "--gil", "--nonblocking", "-p", str(pid), "-d", str(max(1, round(seconds))),

@@ -35,7 +35,8 @@ def test_quick_benchmark_writes_its_table_json_and_chart_and_stops_everything(bu
     assert any("batches of 8" in f["setting"] for f in report["figures"] if f["stage"] == "service alone (HTTP)")
     assert (out / "bench.png").stat().st_size > 10_000
     profile = report["profile"]
-    if profile["error"] and re.search(r"permission|not permitted|ptrace", profile["error"], re.I):
+    attachable = not (profile["error"] and re.search(r"permission|not permitted|ptrace", profile["error"], re.I))
+    if not attachable:
         # A machine that forbids attaching to processes: the bench says so and carries on.
         assert f"profile unavailable: {profile['error']}" in result.stdout
     else:
@@ -62,8 +63,21 @@ def test_quick_benchmark_writes_its_table_json_and_chart_and_stops_everything(bu
             assert set(cpu["core_ms_per_job"]) == wanted, (figure["setting"], cpu)
             assert cpu["core_ms_per_job"]["service"] > 0 and 0 < cpu["busy_cores"] <= report["machine"]["cores"] + 0.1
             assert 0 <= cpu["stolen_cores"] <= report["machine"]["cores"] - cpu["busy_cores"] + 0.1
+            # The service worker's CPU told by kind of thread: inference, the event loop, the job threads.
+            threads = cpu["core_ms_per_job_by_thread"]
+            if attachable:
+                assert set(threads) == {"inference (native)", "event loop (HTTP)", "job threads (Python)"}, threads
+                assert threads["inference (native)"] > 0 and threads["job threads (Python)"] > 0, threads
+                # The worker is part of the service's process tree; each thread's and each process's CPU
+                # is read in 10 ms ticks, so allow 10 of them spread over the stage's jobs.
+                slack = 100 / cpu["jobs"]
+                assert sum(threads.values()) <= cpu["core_ms_per_job"]["service"] + slack, (threads, cpu)
         elif figure["stage"] == "benchmark_app":
             assert figure["cpu"]["core_ms_per_job"]["benchmark_app"] > 0
+    if attachable:
+        assert "service core-ms per job        by thread" in result.stdout
+    else:
+        assert "service core-ms per job by thread: not measured" in result.stdout
     assert "core-ms per job" in result.stdout and "busy cores" in result.stdout and "stolen" in result.stdout
     # Every target of issue 10 is printed with its verdict, the soak's memory among them.
     names = [target["name"] for target in report["targets"]]
