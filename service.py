@@ -7,14 +7,12 @@ AiCSD client to BentoML's API, and holds no pipeline logic. Run it with `bentoml
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 from pathlib import Path
 from typing import Annotated, Any
 
 import anyio
-import anyio.to_thread
 import bentoml
 import yaml
 from pydantic import BaseModel, Field
@@ -33,6 +31,7 @@ with bentoml.importing():
         Answer,
         BatchItem,
         JobResponse,
+        answer_batch,
         batch_body,
         handled_answer,
         parsed_job,
@@ -206,9 +205,7 @@ class AicsdPipeline:
         """
         if self._batch_limiter is None:  # made in the event loop that serves it
             self._batch_limiter = anyio.CapacityLimiter(THREADS)
-        answers = await asyncio.gather(
-            *(anyio.to_thread.run_sync(self._batch_job, raw, limiter=self._batch_limiter) for raw in jobs)
-        )
+        answers = await answer_batch(jobs, self._batch_job, lanes=THREADS, limiter=self._batch_limiter)
         return Response(batch_body(answers), media_type="application/json")  # type: ignore[return-value]
 
     def _batch_job(self, raw: dict[str, Any]) -> Answer:
