@@ -172,6 +172,8 @@ class CompiledModel:
             self._pool.put(compiled.create_infer_request())
         self.pool_size = nreq
         self._alone = alone.create_infer_request() if alone is not None else None
+        inputs = compiled.inputs
+        self._input_dtype = inputs[0].get_element_type().to_dtype() if len(inputs) == 1 else None
         self._running = 0
         self._running_lock = threading.Lock()
 
@@ -220,14 +222,26 @@ class CompiledModel:
             with self._running_lock:
                 self._running -= 1
 
+    def _takes_as_is(self, array: np.ndarray) -> bool:
+        """Whether `array` can be the model's one input without conversion or copy."""
+        return self._input_dtype is not None and array.dtype == self._input_dtype and array.flags.c_contiguous
+
     def _run(
         self, request: ov.InferRequest, inputs: np.ndarray | Mapping[Any, np.ndarray | np.generic]
     ) -> dict[str, np.ndarray]:
         try:
-            # Shared, not copied, both ways: the caller's array outlives the call, and the outputs
-            # are copied out below; about 0.1 ms of interpreter time less per call.
-            request.infer(inputs if isinstance(inputs, Mapping) else {0: inputs}, share_inputs=True,
-                          share_outputs=True)
+            if isinstance(inputs, np.ndarray) and self._takes_as_is(inputs):
+                # The one input, wrapping the caller's array (which outlives the call), set directly:
+                # OpenVINO's input dispatch and result dictionary cost 0.28 ms of interpreter time
+                # per call against 0.18 this way (EfficientNet-Lite0, 2 streams; issue 10).
+                request.set_input_tensor(ov.Tensor(inputs, shared_memory=True))
+                request.start_async()
+                request.wait()
+            else:
+                # Shared, not copied, both ways: the caller's array outlives the call, and the
+                # outputs are copied out below; about 0.1 ms of interpreter time less per call.
+                request.infer(inputs if isinstance(inputs, Mapping) else {0: inputs}, share_inputs=True,
+                              share_outputs=True)
             return {
                 name: request.get_output_tensor(i).data.copy() for i, name in enumerate(self.output_names)
             }

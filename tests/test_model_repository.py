@@ -144,6 +144,25 @@ def test_reverse_input_channels_feeds_bgr_to_the_network(tmp_path):
     np.testing.assert_allclose(out[0, :, 0, 0], [7, 0, 200])
 
 
+def test_inputs_given_as_they_come_get_the_same_result_as_the_models_own_layout(tmp_path):
+    write_model(tmp_path / "m" / "1", identity_image(2), {"mean_values": "10 20 30", "scale_values": "2 4 5"})
+    model = repo(tmp_path).get("m")
+    image = np.arange(12, dtype=np.uint8).reshape(1, 2, 2, 3) * 20
+    expected = next(iter(model.infer(image).values()))  # u8, C-contiguous: set as it is
+    strided = np.zeros((1, 2, 4, 3), np.uint8)
+    strided[:, :, ::2] = image
+    assert not strided[:, :, ::2].flags.c_contiguous
+    for given in (strided[:, :, ::2], image.astype(np.int32), {0: image}):
+        np.testing.assert_allclose(next(iter(model.infer(given).values())), expected)
+
+
+def test_an_input_of_the_wrong_shape_is_a_model_error(tmp_path):
+    write_model(tmp_path / "m" / "1", identity_image(2))
+    model = repo(tmp_path).get("m")
+    with pytest.raises(ModelError, match="model 'm' failed to run"):
+        model.infer(np.zeros((1, 3, 3, 3), np.uint8))
+
+
 def test_concurrent_callers_each_get_their_own_result(tmp_path):
     write_model(tmp_path / "m" / "1", channel_mean_classifier(8))
     model = repo(tmp_path).get("m")
