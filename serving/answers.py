@@ -2,7 +2,7 @@
 for each job of `/classify_batch`.
 
 A job answered alone and the same job inside a batch get the same status and the same body, so
-the bridge reads both with one function.
+the bridge reads both with one function. A batch's jobs run in lanes (`answer_batch`).
 """
 
 from __future__ import annotations
