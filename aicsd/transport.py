@@ -164,7 +164,7 @@ class _Connection:
         """Send one request and read its answer; also says whether the connection can be kept."""
         try:
             self.sock.settimeout(_remaining(deadline))
-            self.sock.sendall(head + body)  # one write: the bodies we send are small
+            self.sock.sendall(head + body)  # one write: our largest body, a batch of 64 jobs, is about 40 KB
         except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError):
             if reused:
                 raise _Stale() from None

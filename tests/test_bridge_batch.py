@@ -169,6 +169,22 @@ def test_a_batch_the_service_cannot_be_reached_for_is_retried_whole(tmp_path, ai
     assert all(aicsd.requests_for(job_id) == [] for job_id, _ in keys)
 
 
+def test_a_batch_answer_cut_off_halfway_is_retried_whole_and_each_job_ends_once(tmp_path, aicsd, caplog):
+    with StandInService(200, COMPLETE, batch=True) as service:
+        service.cut_batches = 1
+        spool = Spool(tmp_path / "s.db")
+        keys = spool_jobs(spool, aicsd, 4)
+        with forwarding(service.url, spool, batch=8, retry_initial=0.2, retry_max=0.2) as forwarder:
+            wait_until(lambda: spool.counts().done == 4)
+    # The first answer was lost with its connection: the service may have run the jobs, and its
+    # ledger answers them again from what it stored; the bridge decides nothing from half an answer.
+    assert batch_sizes(service) == [4, 4] and forwarder.forwarded == 4
+    assert len(warnings(caplog, "attempt 1 failed")) == 4
+    assert spool.counts().failed == 0 and spool.dead_letters() == []
+    assert all(row(spool.path, key)[2] == 2 for key in keys)
+    assert all(aicsd.requests_for(job_id) == [] for job_id, _ in keys)
+
+
 def test_a_batch_of_one_and_batch_1_use_the_single_url(tmp_path, aicsd):
     with StandInService(200, COMPLETE, batch=True) as service:
         spool = Spool(tmp_path / "s.db")

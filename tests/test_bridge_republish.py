@@ -33,7 +33,7 @@ class StandInService:
     """A loopback HTTP server standing in for the service, once `gate` is open: `POST /classify`
     answers `answer(job)` (by default `status` with `body`); `POST /classify_batch`, when `batch`
     is on, answers 200 with `answer(job)` as `{"StatusCode", "Body"}` per job, or `batch_reply`
-    (status, raw body) when set. Any other POST answers 404 at once, as a service without that API.
+    (status, raw body) when set, or cut off halfway while `cut_batches` > 0. Any other POST answers 404 at once, as a service without that API.
     `requests` holds every job the service got (a batch's one by one), `posts` every POST as
     (path, its parsed body)."""
 
@@ -43,6 +43,7 @@ class StandInService:
         self.batch = batch
         self.answer: Callable[[dict], tuple[int, dict]] = lambda job: (self.status, self.body)
         self.batch_reply: tuple[int, bytes] | None = None
+        self.cut_batches = 0  # batch answers still to cut off halfway (the connection then drops)
         self.gate = threading.Event()
         self.gate.set()
         self.requests: list[dict] = []
@@ -65,16 +66,25 @@ class StandInService:
                         self.reply(*owner.batch_reply)
                         return
                     items = [dict(zip(("StatusCode", "Body"), owner.answer(job), strict=True)) for job in sent]
-                    self.reply(200, json.dumps(items).encode())
+                    answer = json.dumps(items).encode()
+                    if owner.cut_batches > 0:  # the connection drops halfway through the answer
+                        owner.cut_batches -= 1
+                        self.reply(200, answer, cut_at=len(answer) // 2)
+                        return
+                    self.reply(200, answer)
                 else:
                     self.reply(404, b'{"detail":"Not Found"}')
 
-            def reply(self, status: int, body: bytes) -> None:
+            def reply(self, status: int, body: bytes, cut_at: int | None = None) -> None:
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                self.wfile.write(body if cut_at is None else body[:cut_at])
+                if cut_at is not None:
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
 
             def log_message(self, format: str, *args: object) -> None:
                 pass
