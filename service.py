@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import anyio
+import anyio.to_thread
 import bentoml
 import yaml
 from pydantic import BaseModel, Field
@@ -110,7 +111,7 @@ BatchOfJobs = Annotated[list[dict[str, Any]], Field(min_length=1, max_length=MAX
 
 RUNTIME = _runtime_config()
 THREADS = int(RUNTIME.get("threads", 1))
-"""Jobs the sync API runs at once (BentoML's `threads`); a batch's jobs run as many at once."""
+"""Jobs run at once (BentoML's `threads`), by /classify and /classify_batch together."""
 
 
 @bentoml.asgi_app(aicsd_api, path="/api/v1", name="aicsd_api")
@@ -157,7 +158,7 @@ class AicsdPipeline:
             served=lambda: [model.name for model in self.models.view.models],
         )
         self.jobs = JobHandler(self.runner, self.ledger, pipelines, self.aicsd)
-        self._batch_limiter: anyio.CapacityLimiter | None = None
+        self._limiter: anyio.CapacityLimiter | None = None
         folders = ", ".join(str(d.resolve()) for d in self.settings.models_dir)
         log.info(
             "started: models %s from %s; ledger %s (%s, %d old entries forgotten); task look-up %s",
@@ -184,8 +185,20 @@ class AicsdPipeline:
         self.ledger.close()
 
     @bentoml.api
-    def classify(self, job: JobRequest, /, ctx: bentoml.Context) -> JobResponse:
+    async def classify(self, job: JobRequest, /, ctx: bentoml.Context) -> JobResponse:
         """Run an AiCSD job: the pipeline on its input file, then the job update and the status."""
+        return await anyio.to_thread.run_sync(self._classify, job, ctx, limiter=self._job_slots())
+
+    def _job_slots(self) -> anyio.CapacityLimiter:
+        """The one limit on jobs running at once, /classify's and every batch's together: `threads`.
+
+        BentoML's own limit for a sync API would count /classify alone, so with batches coming too
+        twice as many jobs could run (and wait for the same two inference streams)."""
+        if self._limiter is None:  # made in the event loop that serves it
+            self._limiter = anyio.CapacityLimiter(THREADS)
+        return self._limiter
+
+    def _classify(self, job: JobRequest, ctx: bentoml.Context) -> JobResponse:
         try:
             parsed = Job.from_request(job, self.settings.callback_hosts)
         except JobRejected as exc:
@@ -203,9 +216,7 @@ class AicsdPipeline:
         One answer per job, in order: the status and body /classify would have answered for it
         alone. A job refused does not stop the others; each job gets its own callbacks.
         """
-        if self._batch_limiter is None:  # made in the event loop that serves it
-            self._batch_limiter = anyio.CapacityLimiter(THREADS)
-        answers = await answer_batch(jobs, self._batch_job, lanes=THREADS, limiter=self._batch_limiter)
+        answers = await answer_batch(jobs, self._batch_job, lanes=THREADS, limiter=self._job_slots())
         return Response(batch_body(answers), media_type="application/json")  # type: ignore[return-value]
 
     def _batch_job(self, raw: dict[str, Any]) -> Answer:

@@ -6,7 +6,11 @@ Real `bentoml serve`, real model, real files, the AiCSD stand-in; each test make
 from __future__ import annotations
 
 import json
+import threading
+import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 import httpx
@@ -97,3 +101,81 @@ def test_a_job_whose_aicsd_is_away_is_a_502_item_to_try_later_and_the_others_com
     assert [item["StatusCode"] for item in items] == [502, 200]
     assert items[0]["Body"]["Status"] == "" and items[0]["Body"]["Note"]
     assert_one_put_then_one_post(aicsd, good, "PipelineComplete")
+
+
+class SlowTaskLauncher(ThreadingHTTPServer):
+    """AiCSD on a loopback port whose task launcher takes `delay` seconds to name a task's pipeline
+    (each job of its own task, so each job asks), counting the look-ups under way at once; the job
+    update and the status are accepted at once."""
+
+    daemon_threads = True
+
+    def __init__(self, delay: float) -> None:
+        super().__init__(("127.0.0.1", 0), _SlowAicsd)
+        self.delay = delay
+        self.lock = threading.Lock()
+        self.under_way = 0
+        self.most_at_once = 0
+        self.statuses: list[str] = []
+
+    def job(self, file_root) -> dict:
+        job_id, task_id = uuid.uuid4().hex, uuid.uuid4().hex
+        base = f"http://127.0.0.1:{self.server_address[1]}/api/v1"
+        return {"InputFileLocation": str(file_root / "input" / f"{job_id}-absent.png"),
+                "OutputFileFolder": str(file_root / "output"), "ModelParams": {},
+                "JobUpdateUrl": f"{base}/job/pipeline/{job_id}/{task_id}",
+                "PipelineStatusUrl": f"{base}/pipelineStatus/{job_id}/{task_id}", "GatewayIP": "127.0.0.1"}
+
+
+class _SlowAicsd(BaseHTTPRequestHandler):
+    server: SlowTaskLauncher
+
+    def do_GET(self) -> None:
+        with self.server.lock:
+            self.server.under_way += 1
+            self.server.most_at_once = max(self.server.most_at_once, self.server.under_way)
+        time.sleep(self.server.delay)
+        with self.server.lock:
+            self.server.under_way -= 1
+        self._answer(json.dumps({"Id": self.path.rsplit("/", 1)[-1], "PipelineId": "ovms/efficientnet-lite0"}))
+
+    def do_PUT(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self._answer("")
+
+    def do_POST(self) -> None:
+        status = self.rfile.read(int(self.headers["Content-Length"])).decode()
+        with self.server.lock:
+            self.server.statuses.append(status)
+        self._answer("")
+
+    def _answer(self, body: str) -> None:
+        data = body.encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_classify_and_batches_together_run_no_more_jobs_at_once_than_the_services_threads(service, file_root):
+    aicsd = SlowTaskLauncher(delay=0.4)
+    thread = threading.Thread(target=aicsd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with ThreadPoolExecutor(8) as pool, httpx.Client(timeout=120, trust_env=False) as client:
+            batches = [pool.submit(classify_batch, client, service, [aicsd.job(file_root) for _ in range(6)])
+                       for _ in range(2)]
+            singles = [pool.submit(classify, client, service, aicsd.job(file_root)) for _ in range(6)]
+            answers = [f.result() for f in batches + singles]
+    finally:
+        aicsd.shutdown()
+        aicsd.server_close()
+        thread.join(5)
+    assert [a.status_code for a in answers] == [200] * 8
+    assert len(aicsd.statuses) == 18 and set(aicsd.statuses) == {"PipelineFailed"}  # no such input file
+    # bentoml.yaml's threads: 4. Each API with its own limit would have run 8 at once.
+    assert aicsd.most_at_once == 4
