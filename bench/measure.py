@@ -202,9 +202,8 @@ class ThreadSplit:
     pid: int
     python_threads: Callable[[int], dict[int, str] | str]
 
-    def per_job_ms(self, before: dict[int, float], jobs: int) -> dict[str, float]:
-        """Core-ms per job of each kind since `before` (a `thread_cpu_s` reading); {} if untold."""
-        after = thread_cpu_s(self.pid)
+    def per_job_ms(self, before: dict[int, float], after: dict[int, float], jobs: int) -> dict[str, float]:
+        """Core-ms per job of each kind between two `thread_cpu_s` readings; {} if untold."""
         named = self.python_threads(self.pid)
         if isinstance(named, str):
             return {}
@@ -242,11 +241,11 @@ class CpuMeter:
     def since(self, start: _Reading, jobs: int) -> CpuUse:
         """The cost of the `jobs` jobs done since `start`."""
         wall0, machine0, cpu0, threads0 = start
-        wall1, machine1, cpu1, _ = self._read()
+        wall1, machine1, cpu1, threads1 = self._read()
         per_job = {name: (cpu1[name] - cpu0[name]) * 1000 / max(jobs, 1) for name in self.processes}
         per_job["all named"] = sum(per_job.values())
         busy, stolen = _cores_used((wall0, wall1), machine0, machine1)
-        threads = self.split.per_job_ms(threads0, jobs) if self.split else {}
+        threads = self.split.per_job_ms(threads0, threads1, jobs) if self.split else {}
         return CpuUse(per_job, busy, jobs, stolen, threads)
 
 

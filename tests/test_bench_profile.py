@@ -67,7 +67,7 @@ def test_thread_split_counts_unnamed_threads_as_inference_the_main_thread_as_the
     # As py-spy would name them, but for the thread that stands for one OpenVINO starts.
     named = {threading.main_thread().native_id: "MainThread", burner.native_id: "worker"}
     try:
-        split = ThreadSplit(os.getpid(), lambda pid: named).per_job_ms(before, jobs=100)
+        split = ThreadSplit(os.getpid(), lambda pid: named).per_job_ms(before, thread_cpu_s(os.getpid()), jobs=100)
     finally:
         done.set()
         burner.join()
@@ -80,7 +80,7 @@ def test_thread_split_counts_unnamed_threads_as_inference_the_main_thread_as_the
 
 
 def test_thread_split_is_empty_when_the_threads_cannot_be_named():
-    split = ThreadSplit(os.getpid(), lambda pid: "py-spy is not installed").per_job_ms({}, jobs=10)
+    split = ThreadSplit(os.getpid(), lambda pid: "py-spy is not installed").per_job_ms({}, {1: 1.0}, jobs=10)
     assert split == {}
 
 
