@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import getpass
+import logging
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ import psutil
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+_log = logging.getLogger(__name__)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -330,6 +332,10 @@ class Service:
         return self.log_path.read_text(errors="replace")
 
 
+START_ATTEMPTS = 3
+"""Starts of `bentoml serve` tried when a port it was to bind was taken meanwhile."""
+
+
 def serve_bento(
     target: str,
     *,
@@ -346,8 +352,31 @@ def serve_bento(
     keeps its Prometheus files in `$BENTOML_HOME/prometheus_multiproc_dir` and every `bentoml
     serve` empties that folder at start, so a second service in a shared home would stop the
     first one's `/metrics` from counting.
+
+    A port is free when it is picked and bound a moment later, by BentoML (the HTTP port) or by
+    circus inside it (ports of its own it picks the same way), so another process may take it in
+    between. A start that ends on "Address already in use" is tried again, up to
+    `START_ATTEMPTS` times (on the same port when the caller chose it); any other failure is raised
+    at once.
     """
-    port = port or free_port()
+    for attempt in range(1, START_ATTEMPTS + 1):
+        try:
+            return _serve_bento_once(target, env, cwd, log_path, timeout, port or free_port(), wait_for)
+        except _PortTaken as taken:
+            if attempt == START_ATTEMPTS:
+                raise RuntimeError(f"bentoml serve found a port taken {attempt} times:\n{taken}") from None
+            _log.warning("bentoml serve found a port taken (start %d of %d); starting it again", attempt,
+                         START_ATTEMPTS)
+            time.sleep(0.5)
+    raise AssertionError("unreachable")
+
+
+class _PortTaken(Exception):
+    """`bentoml serve` ended at start-up because a port it was to bind was taken."""
+
+
+def _serve_bento_once(target: str, env: dict[str, str], cwd: Path, log_path: Path, timeout: float, port: int,
+                      wait_for: str) -> Service:
     home = log_path.with_name(f"{log_path.stem}-bentoml-home")
     full_env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True", "BENTOML_HOME": str(home), **env}
     log_file = log_path.open("wb")
@@ -365,7 +394,10 @@ def serve_bento(
     with httpx.Client(trust_env=False) as client:
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                raise RuntimeError(f"bentoml serve exited with {process.returncode}:\n{log_path.read_text()}")
+                text = log_path.read_text(errors="replace")
+                if "Address already in use" in text:
+                    raise _PortTaken(text)
+                raise RuntimeError(f"bentoml serve exited with {process.returncode}:\n{text}")
             try:
                 if client.get(f"{url}{wait_for}", timeout=2).status_code == 200:
                     return Service(url, log_path, process)
